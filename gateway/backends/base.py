@@ -1,0 +1,104 @@
+"""The one async interface every upstream (maildir, imap, jmap) implements.
+
+A session's life against a backend:
+
+    async with backend.open_maildrop(login) as drop:     # at PASS / APOP / AUTH
+        drop.entries                                       # fixed for the session
+        async for chunk in drop.stream(index, top_lines=None):   # RETR / TOP
+            ...
+        await drop.apply_deletions(indexes)               # only at QUIT, once
+    # leaving the block closes the upstream session (no deletions applied)
+
+Rules every backend keeps:
+- ``entries`` is the snapshot taken at login: ordered, each with the upstream id, the exact size in
+  octets (CRLF line ends, as RETR will send it before dot-stuffing, without the CRLF that may be added
+  to close an unterminated last line) and a UIDL.
+- ``stream`` yields the raw message (or more than its top: the caller cuts at ``top_lines``; the backend
+  may use the hint to fetch less). Chunks are bounded; the whole message is never held in memory.
+  Bare LF line ends are allowed in the chunks: the caller's encoder normalises them.
+- Nothing is deleted before ``apply_deletions``; leaving the context without calling it deletes nothing.
+- Errors are the exceptions below, never raw library errors: the shell turns them into RFC 3206 replies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+from gateway.proto.logins import ApopLogin, Login, PasswordLogin
+
+__all__ = [
+    "ApopLogin",
+    "AuthFailed",
+    "Backend",
+    "BackendError",
+    "Entry",
+    "InUse",
+    "Login",
+    "Maildrop",
+    "MessageGone",
+    "PasswordLogin",
+    "PermFailure",
+    "TempFailure",
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Entry:
+    upstream_id: str
+    size: int
+    uidl: str
+
+
+class BackendError(Exception):
+    """Base of the errors a backend may raise. ``str(exc)`` is for logs only, never for clients."""
+
+
+class AuthFailed(BackendError):
+    """Bad credentials, or a login method this backend cannot check (RFC 3206 [AUTH])."""
+
+
+class TempFailure(BackendError):
+    """Upstream unreachable, slow, broken or busy; trying later may work ([SYS/TEMP])."""
+
+
+class PermFailure(BackendError):
+    """Trying again will not help ([SYS/PERM])."""
+
+
+class InUse(BackendError):
+    """The maildrop is locked by another session ([IN-USE])."""
+
+
+class MessageGone(BackendError):
+    """The message left the upstream during the session (expunged by another client)."""
+
+
+class Maildrop(Protocol):
+    @property
+    def entries(self) -> Sequence[Entry]: ...
+
+    def stream(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
+        """Yield the message at 0-based ``index`` of ``entries``. Raises MessageGone or TempFailure."""
+        ...
+
+    async def apply_deletions(self, indexes: Sequence[int]) -> None:
+        """Delete (by the configured policy) the 0-based indexes, as one batch. Raises TempFailure when
+        not all of them could be applied; what was not applied must still be there upstream."""
+        ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def open_maildrop(self, login: Login) -> AbstractAsyncContextManager[Maildrop]:
+        """Authenticate and snapshot. Raises AuthFailed, TempFailure, PermFailure or InUse on entry."""
+        ...
+
+    def lock_key(self, username: str) -> str:
+        """The key of the maildrop ``username`` opens, for the [IN-USE] lock (account + folder)."""
+        ...
+
+    async def aclose(self) -> None: ...

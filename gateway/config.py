@@ -1,0 +1,295 @@
+"""Configuration: TOML into frozen dataclasses. Unknown keys and bad values are errors naming key and line.
+
+Every field below is a config key; ``docs/configuration.md`` documents each one and a test checks that the
+two list the same keys. Command-line flags override the file (see ``with_overrides``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_STATE_DIR = Path("state")
+_T = typing.TypeVar("_T")
+UPSTREAM_SCHEMES = ("maildir", "imap", "imap+starttls", "imaps", "jmap+http", "jmap+https")
+
+
+class ConfigError(Exception):
+    def __init__(self, message: str, *, key: str | None = None, line: int | None = None) -> None:
+        where = ""
+        if key is not None:
+            where = f"{key}: "
+        if line is not None:
+            where = f"line {line}: " + where
+        super().__init__(where + message)
+        self.key = key
+        self.line = line
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListenConfig:
+    address: str = "127.0.0.1:1110"
+    tls: Literal["none", "starttls", "implicit"] = "none"
+    cert_file: str = ""
+    key_file: str = ""
+
+    def host_port(self) -> tuple[str, int]:
+        return parse_host_port(self.address)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerConfig:
+    state_dir: str = str(DEFAULT_STATE_DIR)
+    max_sessions: int = 1000
+    idle_timeout: float = 600.0  # RFC 1939: at least 10 minutes
+    login_timeout: float = 60.0  # before a successful login
+    shutdown_grace: float = 30.0
+    upstream_timeout: float = 30.0
+    login_delay: int = 0
+    expire: str = "NEVER"
+    in_use_lock: bool = True
+    allow_plaintext_auth: bool = True
+    max_auth_failures: int = 3
+    implementation: str = "pop3-gateway"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = ""  # empty: the embedded demo Maildir under state_dir
+    users_file: str = ""  # maildir: default state_dir/users
+    folder: str = "INBOX"
+    ca_file: str = ""
+    insecure: bool = False
+    delete_policy: str = "expunge"
+    mark_seen: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    listen: tuple[ListenConfig, ...] = (ListenConfig(),)
+    upstream: UpstreamConfig = dataclasses.field(default_factory=UpstreamConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.server.state_dir)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p} is not UTF-8") from None
+    return loads(text)
+
+
+def loads(text: str) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None)
+        raise ConfigError(f"invalid TOML: {exc}", line=line) from None
+    config = _build(Config, raw, (), text)
+    validate(config, text)
+    return config
+
+
+def _build(cls: type[_T], raw: Mapping[str, Any], path: tuple[str | int, ...], text: str) -> _T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        keypath = (*path, key)
+        if key not in fields:
+            raise ConfigError("unknown key", key=_dotted(keypath), line=_find_line(text, keypath))
+        kwargs[key] = _convert(hints[key], value, keypath, text)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, keypath: tuple[str | int, ...], text: str) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(
+            f"expected {expected}, got {value!r}", key=_dotted(keypath), line=_find_line(text, keypath)
+        )
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad("a table")
+        return _build(tp, value, keypath, text)  # type: ignore[arg-type]
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise bad("an array")
+        return tuple(_convert(item_tp, v, (*keypath, i), text) for i, v in enumerate(value))
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise bad("one of " + ", ".join(repr(c) for c in choices))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise bad("a supported type")  # pragma: no cover - no union fields
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise bad(str(tp))  # pragma: no cover
+
+
+def _dotted(keypath: Sequence[str | int]) -> str:
+    out = ""
+    for part in keypath:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _find_line(text: str, keypath: Sequence[str | int]) -> int | None:
+    """Best effort: the line where ``keypath`` is set in ``text`` (tomllib keeps no positions)."""
+    if not text:
+        return None
+    lines = text.splitlines()
+    names = [p for p in keypath if isinstance(p, str)]
+    index = next((p for p in keypath if isinstance(p, int)), 0)
+    leaf = names[-1]
+    tables = names[:-1]
+    start = 0
+    if tables:
+        header = re.compile(
+            r"^\s*\[\[?\s*" + r"\s*\.\s*".join(map(re.escape, tables)) + r"\s*\]\]?\s*(#.*)?$"
+        )
+        hits = [i for i, line in enumerate(lines) if header.match(line)]
+        if len(hits) > index:
+            start = hits[index] + 1
+        elif hits:
+            start = hits[-1] + 1
+    key_re = re.compile(r"^\s*(" + re.escape(leaf) + r'|"' + re.escape(leaf) + r'")\s*=')
+    for i in range(start, len(lines)):
+        if i > start and tables and lines[i].lstrip().startswith("["):
+            break
+        if key_re.match(lines[i]):
+            return i + 1
+    if tables and start:
+        return start  # the table header: the best we can point at
+    dotted = re.compile(r"^\s*" + r"\s*\.\s*".join(map(re.escape, names)) + r"\s*=")
+    for i, line in enumerate(lines):
+        if dotted.match(line):
+            return i + 1
+    return None
+
+
+# ------------------------------------------------------------------ validation
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    host, sep, port_s = address.rpartition(":")
+    if not sep or not port_s.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def validate(config: Config, text: str = "") -> None:
+    def fail(keypath: tuple[str | int, ...], message: str) -> typing.NoReturn:
+        raise ConfigError(message, key=_dotted(keypath), line=_find_line(text, keypath))
+
+    s = config.server
+    if not config.listen:
+        fail(("listen",), "at least one listener is needed")
+    for i, listener in enumerate(config.listen):
+        try:
+            listener.host_port()
+        except ValueError as exc:
+            fail(("listen", i, "address"), str(exc))
+        if listener.tls != "none" and not (listener.cert_file and listener.key_file):
+            fail(("listen", i, "tls"), f"tls = {listener.tls!r} needs cert_file and key_file")
+    for name in ("idle_timeout", "login_timeout", "upstream_timeout"):
+        if getattr(s, name) <= 0:
+            fail(("server", name), "must be > 0")
+    if s.shutdown_grace < 0:
+        fail(("server", "shutdown_grace"), "must be >= 0")
+    if s.max_sessions < 1:
+        fail(("server", "max_sessions"), "must be >= 1")
+    if s.max_auth_failures < 1:
+        fail(("server", "max_auth_failures"), "must be >= 1")
+    if s.login_delay < 0:
+        fail(("server", "login_delay"), "must be >= 0")
+    if s.expire != "NEVER" and not s.expire.isdigit():
+        fail(("server", "expire"), 'must be "NEVER" or a number of days')
+    if not s.implementation.isprintable() or len(s.implementation) > 100:
+        fail(("server", "implementation"), "must be printable and at most 100 characters")
+    if config.upstream.url:
+        try:
+            upstream_scheme(config.upstream.url)
+        except ValueError as exc:
+            fail(("upstream", "url"), str(exc))
+    policy = config.upstream.delete_policy
+    if not (
+        policy == "expunge"
+        or (policy.startswith("move:") and len(policy) > 5)
+        or (policy.startswith("flag:") and len(policy) > 5)
+    ):
+        fail(("upstream", "delete_policy"), 'must be "expunge", "move:<folder>" or "flag:<keyword>"')
+
+
+def upstream_scheme(url: str) -> str:
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in UPSTREAM_SCHEMES:
+        raise ValueError(
+            f"unknown upstream scheme {scheme + '://' if scheme else url!r}; known: "
+            + ", ".join(s + "://" for s in UPSTREAM_SCHEMES)
+        )
+    return scheme
+
+
+def with_overrides(
+    config: Config,
+    *,
+    listen: str | None = None,
+    upstream: str | None = None,
+    state_dir: str | None = None,
+) -> Config:
+    """Command-line flags win over the file: --listen replaces every listener with one plain one."""
+    if listen is not None:
+        config = dataclasses.replace(config, listen=(ListenConfig(address=listen),))
+    if upstream is not None:
+        config = dataclasses.replace(config, upstream=dataclasses.replace(config.upstream, url=upstream))
+    if state_dir is not None:
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, state_dir=state_dir))
+    validate(config)
+    return config

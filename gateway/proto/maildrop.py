@@ -1,0 +1,69 @@
+"""The maildrop as one POP3 session sees it: fixed at login, with deletion marks.
+
+Invariants:
+- Message numbers are 1-based, as on the wire, and fixed for the session (RFC 1939 section 5).
+- A message marked deleted is not listed, counted or retrievable, and cannot be marked twice.
+- RSET clears every mark. Nothing here deletes anything: ``commit_plan`` only says what the
+  UPDATE state must delete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MessageInfo:
+    size: int
+    uidl: str
+
+
+class Lookup(enum.Enum):
+    NO_SUCH_MESSAGE = "no such message"
+    DELETED = "message is deleted"
+
+
+class Maildrop:
+    __slots__ = ("_deleted", "_deleted_octets", "_messages", "_total_octets")
+
+    def __init__(self, messages: Sequence[MessageInfo]) -> None:
+        self._messages = tuple(messages)
+        self._deleted: set[int] = set()  # 0-based indexes
+        self._total_octets = sum(m.size for m in self._messages)
+        self._deleted_octets = 0
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def lookup(self, msg_num: int) -> MessageInfo | Lookup:
+        if not 1 <= msg_num <= len(self._messages):
+            return Lookup.NO_SUCH_MESSAGE
+        if msg_num - 1 in self._deleted:
+            return Lookup.DELETED
+        return self._messages[msg_num - 1]
+
+    def stat(self) -> tuple[int, int]:
+        """(messages not marked deleted, their octets)."""
+        return len(self._messages) - len(self._deleted), self._total_octets - self._deleted_octets
+
+    def live(self) -> list[tuple[int, MessageInfo]]:
+        """(msg_num, info) of every message not marked deleted, in order."""
+        deleted = self._deleted
+        return [(i + 1, m) for i, m in enumerate(self._messages) if i not in deleted]
+
+    def mark_deleted(self, msg_num: int) -> MessageInfo | Lookup:
+        found = self.lookup(msg_num)
+        if isinstance(found, MessageInfo):
+            self._deleted.add(msg_num - 1)
+            self._deleted_octets += found.size
+        return found
+
+    def reset(self) -> None:
+        self._deleted.clear()
+        self._deleted_octets = 0
+
+    def commit_plan(self) -> tuple[int, ...]:
+        """The 0-based indexes the UPDATE state deletes, in order."""
+        return tuple(sorted(self._deleted))

@@ -1,0 +1,466 @@
+"""The trio shell: listeners, TLS, one lockstep loop per connection, timeouts, limits and graceful drain.
+
+All POP3 rules live in ``gateway.proto.pop3``; this module only moves bytes and calls the backend.
+
+- ``Server.serve(task_status=...)`` opens every listener, reports the bound addresses through
+  ``task_status.started`` and runs until ``drain()`` has been called and the drain has finished.
+- Drain: stop accepting at once; live sessions get ``shutdown_grace`` seconds to finish (a session in the
+  middle of its UPDATE completes it); then the rest are cancelled, which closes them without UPDATE.
+- Timeouts: ``login_timeout`` before a successful login, ``idle_timeout`` after it; both restart at every
+  client read, and a write that makes no progress for as long counts as idle too. An autologout closes
+  without UPDATE.
+- Every backend call is bounded by ``upstream_timeout``; a timeout is a [SYS/TEMP] reply.
+- ``except Exception`` only at the session boundary: the client gets a generic -ERR, never a traceback.
+  ``trio.Cancelled`` always propagates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import trio
+
+from gateway.backends.base import (
+    AuthFailed,
+    Backend,
+    BackendError,
+    InUse,
+    Maildrop,
+    MessageGone,
+    PermFailure,
+    TempFailure,
+)
+from gateway.config import Config, ListenConfig
+from gateway.proto import pop3
+from gateway.proto.body import BodyEncoder
+from gateway.proto.logins import Login
+from gateway.proto.maildrop import MessageInfo
+
+log = logging.getLogger("gateway.session")
+
+READ_SIZE = 65536
+WRITE_BATCH = 65536
+DELETE_SHIELD_SECONDS = 60.0  # how long an UPDATE already under way may outlive a drain or a timeout
+
+
+def make_server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bound:
+    host: str
+    port: int
+    tls: str
+
+
+class SessionStats:
+    __slots__ = ("dele", "result", "retr", "retr_octets", "top", "top_octets")
+
+    def __init__(self) -> None:
+        self.retr = self.top = self.dele = 0
+        self.retr_octets = self.top_octets = 0
+        self.result = "closed"
+
+
+class Server:
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        *,
+        tls_contexts: dict[int, ssl.SSLContext] | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self._tls = tls_contexts if tls_contexts is not None else self._load_tls(config)
+        self._accept_scope = trio.CancelScope()
+        self._active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._locks: set[str] = set()
+        self._last_login: dict[str, float] = {}
+        self._greeting_counter = 0
+        self.total_sessions = 0
+        self.draining = False
+
+    @staticmethod
+    def _load_tls(config: Config) -> dict[int, ssl.SSLContext]:
+        return {
+            i: make_server_tls_context(lc.cert_file, lc.key_file)
+            for i, lc in enumerate(config.listen)
+            if lc.tls != "none"
+        }
+
+    @property
+    def active_sessions(self) -> int:
+        return self._active
+
+    def drain(self) -> None:
+        """Stop accepting now; serve() then waits for the sessions up to the grace period."""
+        self.draining = True
+        self._accept_scope.cancel()
+
+    async def serve(self, *, task_status: trio.TaskStatus[list[Bound]] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners: list[tuple[ListenConfig, int, trio.SocketListener]] = []
+        try:
+            for i, lc in enumerate(self.config.listen):
+                host, port = lc.host_port()
+                for listener in await trio.open_tcp_listeners(port, host=host):
+                    listeners.append((lc, i, listener))
+        except OSError:
+            for _, _, listener in listeners:
+                await listener.aclose()
+            raise
+        addresses = [
+            Bound(str(listener.socket.getsockname()[0]), int(listener.socket.getsockname()[1]), lc.tls)
+            for lc, _, listener in listeners
+        ]
+        async with trio.open_nursery() as sessions:
+            try:
+                with self._accept_scope:
+                    async with trio.open_nursery() as accepting:
+                        for lc, i, listener in listeners:
+                            accepting.start_soon(self._accept_loop, listener, lc, i, sessions)
+                        task_status.started(addresses)
+            finally:
+                with trio.CancelScope(shield=True):
+                    for _, _, listener in listeners:
+                        await listener.aclose()
+            log.info(
+                "draining: %d session(s) open, grace %.0f s", self._active, self.config.server.shutdown_grace
+            )
+            with trio.move_on_after(self.config.server.shutdown_grace):
+                await self._idle.wait()
+            sessions.cancel_scope.cancel()
+
+    async def _accept_loop(
+        self, listener: trio.SocketListener, lc: ListenConfig, index: int, sessions: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            if self._active >= self.config.server.max_sessions:
+                sessions.start_soon(self._refuse, stream)
+                continue
+            self._session_started()
+            sessions.start_soon(self._run_session, stream, lc, index)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        with trio.move_on_after(5):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await stream.send_all(pop3.err("Too many sessions, try again later", "SYS/TEMP"))
+        await trio.aclose_forcefully(stream)
+
+    def _session_started(self) -> None:
+        self._active += 1
+        self.total_sessions += 1
+        self._idle = trio.Event() if self._active == 1 else self._idle
+
+    def _session_ended(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    def _timestamp(self) -> str:
+        self._greeting_counter += 1
+        return f"<{os.getpid()}.{self._greeting_counter}.{time.time_ns()}@{socket.gethostname()}>"
+
+    async def serve_stream(self, stream: trio.abc.Stream, index: int = 0) -> None:
+        """Serve one already-accepted connection as if it came from listener ``index`` (tests, PROXY)."""
+        self._session_started()
+        await self._run_session(stream, self.config.listen[index], index)
+
+    async def _run_session(self, raw: trio.abc.Stream, lc: ListenConfig, index: int) -> None:
+        peer = _peer(raw)
+        stats = SessionStats()
+        started = trio.current_time()
+        session = _Session(self, raw, lc, index, peer, stats)
+        try:
+            await session.run()
+        except trio.Cancelled:
+            stats.result = "cancelled"
+            raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            stats.result = "disconnected"
+            log.debug("session %s: connection lost: %s", peer, exc)
+        except Exception:
+            stats.result = "internal-error"
+            log.exception("session %s: internal error", peer)
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await session.stream.send_all(pop3.err("Internal server error", "SYS/TEMP"))
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await trio.aclose_forcefully(session.stream)
+            self._session_ended()
+            log.info(
+                "session end peer=%s user=%s result=%s retr=%d retr_octets=%d top=%d top_octets=%d dele=%d "
+                "duration=%.3f",
+                peer,
+                session.username or "-",
+                stats.result,
+                stats.retr,
+                stats.retr_octets,
+                stats.top,
+                stats.top_octets,
+                stats.dele,
+                trio.current_time() - started,
+            )
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    try:
+        addr = sock.getpeername() if sock is not None else None
+    except OSError:
+        addr = None
+    if not addr or not isinstance(addr, tuple):
+        return "-"
+    return f"{addr[0]}:{addr[1]}"
+
+
+class _Session:
+    def __init__(
+        self,
+        server: Server,
+        raw: trio.abc.Stream,
+        lc: ListenConfig,
+        index: int,
+        peer: str,
+        stats: SessionStats,
+    ) -> None:
+        self.server = server
+        self.config = server.config.server
+        self.stream: trio.abc.Stream = raw
+        self.lc = lc
+        self.tls_context = server._tls.get(index)
+        self.peer = peer
+        self.stats = stats
+        self.username: str | None = None
+        self.out = bytearray()
+        self.conn = pop3.Connection(
+            pop3.Settings(
+                implementation=self.config.implementation,
+                login_delay=self.config.login_delay,
+                expire=self.config.expire,
+                tls_available=lc.tls == "starttls",
+                allow_plaintext_auth=self.config.allow_plaintext_auth,
+                max_auth_failures=self.config.max_auth_failures,
+            ),
+            timestamp=server._timestamp(),
+            tls_active=lc.tls == "implicit",
+        )
+
+    def _timeout(self) -> float:
+        if self.conn.state is pop3.State.AUTHORIZATION:
+            return self.config.login_timeout
+        return self.config.idle_timeout
+
+    async def _send(self, data: bytes | bytearray) -> None:
+        with trio.fail_after(self._timeout()):
+            await self.stream.send_all(data)
+
+    async def flush(self) -> None:
+        if self.out:
+            data, self.out = self.out, bytearray()
+            await self._send(data)
+
+    async def run(self) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if self.lc.tls == "implicit":
+                await self._start_tls()
+            self.out += self.conn.greeting()
+            drop: Maildrop | None = None
+            while True:
+                event = self.conn.next_event()
+                if event is pop3.NEED_DATA:
+                    await self.flush()
+                    with trio.move_on_after(self._timeout()) as idle:
+                        data = await self.stream.receive_some(READ_SIZE)
+                    if idle.cancelled_caught:
+                        self.stats.result = "autologout"
+                        with contextlib.suppress(trio.TooSlowError):
+                            await self._send(self.conn.autologout())
+                        return
+                    self.conn.receive_data(bytes(data))
+                    continue
+                match event:
+                    case pop3.Reply(data):
+                        self.out += data
+                        if len(self.out) >= WRITE_BATCH:
+                            await self.flush()
+                    case pop3.Authenticate(login):
+                        await self.flush()
+                        drop = await self._authenticate(login, stack)
+                    case pop3.Fetch():
+                        await self.flush()
+                        assert drop is not None
+                        await self._fetch(event, drop)
+                    case pop3.StartTls(reply):
+                        self.out += reply
+                        await self.flush()
+                        await self._start_tls()
+                        self.conn.tls_started()
+                    case pop3.Commit(indexes):
+                        await self.flush()
+                        assert drop is not None
+                        self.out += await self._commit(drop, indexes)
+                        await self.flush()
+                        return
+                    case pop3.Close(reply):
+                        self.out += reply
+                        self.stats.result = "quit" if not reply.startswith(b"-ERR") else "refused"
+                        await self.flush()
+                        return
+                    case pop3.ConnectionClosed():
+                        self.stats.result = "client-closed"
+                        return
+                    case _:  # pragma: no cover
+                        raise AssertionError(event)
+
+    async def _start_tls(self) -> None:
+        assert self.tls_context is not None
+        tls = trio.SSLStream(self.stream, self.tls_context, server_side=True)
+        with trio.fail_after(self.config.login_timeout):
+            await tls.do_handshake()
+        self.stream = tls
+
+    async def _authenticate(self, login: Login, stack: contextlib.AsyncExitStack) -> Maildrop | None:
+        backend = self.server.backend
+        now = trio.current_time()
+        code: str | None
+        try:
+            with trio.fail_after(self.config.upstream_timeout):
+                drop = await stack.enter_async_context(backend.open_maildrop(login))
+        except AuthFailed:
+            text, code = "Authentication failed", "AUTH"
+        except InUse:
+            text, code = "Maildrop is locked by another session", "IN-USE"
+        except PermFailure:
+            text, code = "Mailbox unavailable", "SYS/PERM"
+        except (TempFailure, BackendError, trio.TooSlowError):
+            text, code = "Upstream unavailable, try again later", "SYS/TEMP"
+        else:
+            key = backend.lock_key(login.username)
+            last = self.server._last_login.get(key)
+            if self.config.login_delay and last is not None and now - last < self.config.login_delay:
+                await stack.aclose()
+                self.out += self.conn.auth_failed("Logins are too frequent", "LOGIN-DELAY")
+                return None
+            if self.config.in_use_lock:
+                if key in self.server._locks:
+                    await stack.aclose()
+                    self.out += self.conn.auth_failed("Maildrop is locked by another session", "IN-USE")
+                    return None
+                self.server._locks.add(key)
+                stack.callback(self.server._locks.discard, key)
+            self.server._last_login[key] = now
+            self.username = login.username
+            messages = [MessageInfo(e.size, e.uidl) for e in drop.entries]
+            self.out += self.conn.auth_succeeded(messages, login.username)
+            log.info("login peer=%s user=%s messages=%d", self.peer, login.username, len(messages))
+            return drop
+        log.info("login failed peer=%s user=%s code=%s", self.peer, _printable(login.username), code)
+        self.out += self.conn.auth_failed(text, code)
+        return None
+
+    async def _fetch(self, event: pop3.Fetch, drop: Maildrop) -> None:
+        encoder = BodyEncoder(event.top_lines)
+        chunks = drop.stream(event.index, top_lines=event.top_lines)
+        async with _aclosing(chunks):
+            try:
+                with trio.fail_after(self.config.upstream_timeout):
+                    first = await _first(chunks)
+            except (BackendError, trio.TooSlowError) as exc:
+                log.warning("fetch failed before sending peer=%s msg=%d: %r", self.peer, event.msg_num, exc)
+                self.out += self.conn.message_unavailable()
+                return
+            self.out += event.status
+            if first is not None:
+                self.out += encoder.feed(first)
+            try:
+                while not encoder.done:
+                    if len(self.out) >= WRITE_BATCH:
+                        await self.flush()
+                    with trio.fail_after(self.config.upstream_timeout):
+                        chunk = await _first(chunks)
+                    if chunk is None:
+                        break
+                    self.out += encoder.feed(chunk)
+            except (BackendError, trio.TooSlowError) as exc:
+                # The status line may be out already: the only honest thing left is to drop the connection,
+                # so the client never sees a truncated message that ends like a complete one.
+                log.error("upstream failed mid-message peer=%s msg=%d: %r", self.peer, event.msg_num, exc)
+                self.out.clear()
+                self.stats.result = "upstream-failed-mid-message"
+                raise trio.BrokenResourceError("upstream failed mid-message") from exc
+        self.out += encoder.finish()
+        if event.top_lines is None:
+            self.stats.retr += 1
+            self.stats.retr_octets += encoder.octets
+            if encoder.octets != event.size:
+                log.warning(
+                    "size mismatch peer=%s msg=%d listed=%d sent=%d",
+                    self.peer,
+                    event.msg_num,
+                    event.size,
+                    encoder.octets,
+                )
+        else:
+            self.stats.top += 1
+            self.stats.top_octets += encoder.octets
+
+    async def _commit(self, drop: Maildrop, indexes: tuple[int, ...]) -> bytes:
+        self.stats.dele = len(indexes)
+        ok = True
+        if indexes:
+            # An UPDATE under way finishes even if a drain cancels the session meanwhile (bounded).
+            with trio.CancelScope(shield=True):
+                try:
+                    with trio.fail_after(max(self.config.upstream_timeout, DELETE_SHIELD_SECONDS)):
+                        await drop.apply_deletions(indexes)
+                except (BackendError, trio.TooSlowError) as exc:
+                    log.error("deletions failed peer=%s user=%s: %r", self.peer, self.username, exc)
+                    ok = False
+        self.stats.result = "quit" if ok else "update-failed"
+        return self.conn.update_finished(ok)
+
+
+async def _first(chunks: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+@contextlib.asynccontextmanager
+async def _aclosing(agen: Any) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        aclose: Callable[[], Any] | None = getattr(agen, "aclose", None)
+        if aclose is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await aclose()
+
+
+def _printable(text: str) -> str:
+    return text.encode("unicode_escape").decode("ascii")[:100]
+
+
+__all__ = ["Bound", "MessageGone", "Server", "make_server_tls_context"]
