@@ -107,8 +107,10 @@ def loads(text: str) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None)
-        raise ConfigError(f"invalid TOML: {exc}", line=line) from None
+        found = re.search(r"at line (\d+)", str(exc))
+        line = int(found.group(1)) if found else None
+        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise ConfigError(f"invalid TOML: {message}", line=line) from None
     config = _build(Config, raw, (), text)
     validate(config, text)
     return config
@@ -202,9 +204,11 @@ def _find_line(text: str, keypath: Sequence[str | int]) -> int | None:
             return i + 1
     if tables and start:
         return start  # the table header: the best we can point at
-    dotted = re.compile(r"^\s*" + r"\s*\.\s*".join(map(re.escape, names)) + r"\s*=")
+    joined = r"\s*\.\s*".join(map(re.escape, names))
+    dotted = re.compile(r"^\s*" + joined + r"\s*=")
+    as_table = re.compile(r"^\s*\[\[?\s*" + joined + r"\s*\]")
     for i, line in enumerate(lines):
-        if dotted.match(line):
+        if dotted.match(line) or as_table.match(line):
             return i + 1
     return None
 

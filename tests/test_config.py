@@ -1,0 +1,125 @@
+"""TOML config: unknown keys and bad values are errors that name the key and its line."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import config as cfg
+
+GOOD = """\
+[server]
+state_dir = "/tmp/x"
+idle_timeout = 900
+login_delay = 60
+expire = "30"
+
+[[listen]]
+address = "127.0.0.1:1110"
+
+[[listen]]
+address = "127.0.0.1:1995"
+tls = "implicit"
+cert_file = "/c.pem"
+key_file = "/k.pem"
+
+[upstream]
+url = "maildir:///var/mail"
+
+[log]
+format = "json"
+"""
+
+
+def test_good_config_loads() -> None:
+    c = cfg.loads(GOOD)
+    assert c.server.idle_timeout == 900.0
+    assert c.server.login_delay == 60
+    assert [lc.address for lc in c.listen] == ["127.0.0.1:1110", "127.0.0.1:1995"]
+    assert c.listen[1].tls == "implicit"
+    assert c.upstream.url == "maildir:///var/mail"
+    assert c.log.format == "json"
+
+
+def test_empty_config_is_the_embedded_default() -> None:
+    c = cfg.loads("")
+    assert c.listen[0].address == "127.0.0.1:1110"
+    assert c.upstream.url == ""
+    assert c.server.idle_timeout >= 600
+
+
+def test_unknown_key_is_named_with_its_line() -> None:
+    text = GOOD.replace('expire = "30"', 'expire = "30"\nidle_timout = 5')
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.loads(text)
+    assert info.value.key == "server.idle_timout"
+    assert info.value.line == 6
+    assert "line 6: server.idle_timout: unknown key" in str(info.value)
+
+
+def test_unknown_key_in_second_listener() -> None:
+    text = GOOD.replace('tls = "implicit"', 'tls = "implicit"\ntsl = "x"')
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.loads(text)
+    assert info.value.key == "listen[1].tsl"
+    assert info.value.line == 13
+
+
+def test_unknown_table() -> None:
+    with pytest.raises(cfg.ConfigError, match=r"line 1: sever: unknown key"):
+        cfg.loads("[sever]\nx = 1\n")
+
+
+@pytest.mark.parametrize(
+    ("snippet", "key", "line"),
+    [
+        ('[server]\nidle_timeout = "ten"\n', "server.idle_timeout", 2),
+        ("[server]\nmax_sessions = 0\n", "server.max_sessions", 2),
+        ("[server]\nin_use_lock = 1\n", "server.in_use_lock", 2),
+        ("[server]\nmax_sessions = true\n", "server.max_sessions", 2),
+        ('[server]\nexpire = "soon"\n', "server.expire", 2),
+        ("[server]\nlogin_timeout = -1\n", "server.login_timeout", 2),
+        ('[[listen]]\naddress = "nohost"\n', "listen[0].address", 2),
+        ('[[listen]]\naddress = "h:1"\ntls = "maybe"\n', "listen[0].tls", 3),
+        ('[[listen]]\naddress = "h:1"\ntls = "implicit"\n', "listen[0].tls", 3),
+        ('[upstream]\nurl = "pop3://old"\n', "upstream.url", 2),
+        ('[upstream]\ndelete_policy = "shred"\n', "upstream.delete_policy", 2),
+        ('[log]\nlevel = "loud"\n', "log.level", 2),
+        ('server = "x"\n', "server", 1),
+        ("listen = 3\n", "listen", 1),
+    ],
+)
+def test_bad_values_name_key_and_line(snippet: str, key: str, line: int) -> None:
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.loads(snippet)
+    assert info.value.key == key
+    assert info.value.line == line
+
+
+def test_invalid_toml_reports_its_line() -> None:
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.loads("[server]\nidle_timeout = = 3\n")
+    assert info.value.line == 2
+
+
+def test_unknown_scheme_is_refused_clearly() -> None:
+    with pytest.raises(cfg.ConfigError, match=r"unknown upstream scheme 'gopher://'.*maildir://"):
+        cfg.with_overrides(cfg.Config(), upstream="gopher://x")
+
+
+def test_flags_override_the_file() -> None:
+    c = cfg.with_overrides(cfg.loads(GOOD), listen="0.0.0.0:2110", upstream="maildir:///srv", state_dir="/s")
+    assert [(lc.address, lc.tls) for lc in c.listen] == [("0.0.0.0:2110", "none")]
+    assert c.upstream.url == "maildir:///srv"
+    assert c.server.state_dir == "/s"
+    assert c.server.idle_timeout == 900.0  # untouched keys stay
+
+
+def test_load_missing_file() -> None:
+    with pytest.raises(cfg.ConfigError, match="cannot read"):
+        cfg.load("/nonexistent/gw.toml")
+
+
+def test_ipv6_listen_address() -> None:
+    assert cfg.parse_host_port("[::1]:110") == ("::1", 110)
+    with pytest.raises(ValueError, match="out of range"):
+        cfg.parse_host_port("h:70000")
