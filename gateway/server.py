@@ -23,8 +23,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -382,7 +381,7 @@ class _Session:
     async def _fetch(self, event: pop3.Fetch, drop: Maildrop) -> None:
         encoder = BodyEncoder(event.top_lines)
         chunks = drop.stream(event.index, top_lines=event.top_lines)
-        async with _aclosing(chunks):
+        async with contextlib.aclosing(chunks):
             try:
                 with trio.fail_after(self.config.upstream_timeout):
                     first = await _first(chunks)
@@ -446,17 +445,6 @@ async def _first(chunks: AsyncIterator[bytes]) -> bytes | None:
         return await chunks.__anext__()
     except StopAsyncIteration:
         return None
-
-
-@contextlib.asynccontextmanager
-async def _aclosing(agen: Any) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        aclose: Callable[[], Any] | None = getattr(agen, "aclose", None)
-        if aclose is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await aclose()
 
 
 def _printable(text: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import trio
 
@@ -32,7 +32,7 @@ class FakeMaildrop:
     def entries(self) -> Sequence[Entry]:
         return self._entries
 
-    async def stream(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
+    async def stream(self, index: int, *, top_lines: int | None = None) -> AsyncGenerator[bytes, None]:
         mid = self._ids[index]
         box = self.backend.boxes[self.user]
         if mid not in box:

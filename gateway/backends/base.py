@@ -23,7 +23,7 @@ Rules every backend keeps:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -80,8 +80,11 @@ class Maildrop(Protocol):
     @property
     def entries(self) -> Sequence[Entry]: ...
 
-    def stream(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
-        """Yield the message at 0-based ``index`` of ``entries``. Raises MessageGone or TempFailure."""
+    def stream(self, index: int, *, top_lines: int | None = None) -> AsyncGenerator[bytes, None]:
+        """Yield the message at 0-based ``index`` of ``entries``. Raises MessageGone or TempFailure.
+
+        Callers close it with ``contextlib.aclosing`` (they may stop early, at a TOP cut). An index out
+        of range is a caller bug: IndexError."""
         ...
 
     async def apply_deletions(self, indexes: Sequence[int]) -> None:

@@ -1,0 +1,34 @@
+"""Upstream backends behind one async interface (see ``base``)."""
+
+from __future__ import annotations
+
+import urllib.parse
+from pathlib import Path
+
+from gateway.backends.base import Backend
+from gateway.config import Config, ConfigError, upstream_scheme
+
+
+def make_backend(config: Config) -> Backend:
+    """The backend for ``config.upstream.url`` (empty: the embedded demo Maildir in the state dir)."""
+    url = config.upstream.url
+    users_file = (
+        Path(config.upstream.users_file) if config.upstream.users_file else config.state_path / "users"
+    )
+    if not url:
+        from gateway.backends.maildir import MaildirBackend
+
+        return MaildirBackend(config.state_path / "mail", users_file)
+    try:
+        scheme = upstream_scheme(url)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="upstream.url") from None
+    if scheme == "maildir":
+        from gateway.backends.maildir import MaildirBackend
+
+        parts = urllib.parse.urlsplit(url)
+        root = urllib.parse.unquote(parts.netloc + parts.path)
+        if not root:
+            raise ConfigError("maildir:// needs a path, e.g. maildir:///var/mail", key="upstream.url")
+        return MaildirBackend(Path(root), users_file)
+    raise ConfigError(f"the {scheme}:// upstream is not available in this version", key="upstream.url")

@@ -1,0 +1,120 @@
+"""The command line, run as a real process."""
+
+from __future__ import annotations
+
+import os
+import poplib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.accounts import load_users, verify_password
+
+EXE = [sys.executable, "-m", "gateway"]
+
+
+def run(*args: str, stdin: str = "", timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*EXE, *args], input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.mark.parametrize("args", [[], ["serve"], ["check-config"], ["user"], ["user", "add"]])
+def test_help_works_everywhere(args: list[str]) -> None:
+    out = run(*args, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout
+
+
+def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    f = tmp_path / "gw.toml"
+    f.write_text('[server]\nidle_timeout = 700\n\n[upstream]\nurl = "maildir:///var/mail"\n')
+    out = run("check-config", str(f))
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout
+
+
+def test_check_config_names_bad_key_and_line(tmp_path: Path) -> None:
+    f = tmp_path / "gw.toml"
+    f.write_text("[server]\nidle_timeout = 700\nmax_sesions = 3\n")
+    out = run("check-config", str(f))
+    assert out.returncode == 2
+    assert "line 3: server.max_sesions: unknown key" in out.stderr
+
+
+def test_unknown_upstream_scheme_is_refused(tmp_path: Path) -> None:
+    out = run("serve", "--upstream", "pop3://old.example", "--state-dir", str(tmp_path))
+    assert out.returncode == 2
+    assert "unknown upstream scheme 'pop3://'" in out.stderr
+
+
+def test_user_add_reads_the_password_from_stdin_never_argv(tmp_path: Path) -> None:
+    out = run("user", "add", "carol", "--state-dir", str(tmp_path), "--password-stdin", stdin="s3cret pw\n")
+    assert out.returncode == 0, out.stderr
+    users = load_users(tmp_path / "users")
+    assert verify_password("s3cret pw", users["carol"].password_hash)
+    assert "s3cret" not in (tmp_path / "users").read_text()
+    assert (tmp_path / "users").stat().st_mode & 0o077 == 0
+
+
+def test_user_add_refuses_a_bad_name(tmp_path: Path) -> None:
+    out = run("user", "add", "../evil", "--state-dir", str(tmp_path), "--password-stdin", stdin="x\n")
+    assert out.returncode == 2
+    assert "invalid user name" in out.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_demo_then_sigterm_drains(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*EXE, "serve", "--state-dir", str(tmp_path), "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        deadline = time.monotonic() + 20
+        while "curl -u demo:" not in banner and time.monotonic() < deadline:
+            banner += proc.stdout.readline()
+        password = (tmp_path / "demo-password").read_text().strip()
+        assert f"curl -u demo:{password} pop3://127.0.0.1:{port}/1" in banner
+        p = poplib.POP3("127.0.0.1", port, timeout=10)
+        p.user("demo")
+        p.pass_(password)
+        count, _ = p.stat()
+        assert count == 3
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        # the live session may still finish during the grace period
+        p.dele(1)
+        assert p.quit().startswith(b"+OK")
+        assert proc.wait(timeout=20) == 0
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+        if proc.stderr:
+            proc.stderr.close()
+    # the deletion was applied at QUIT
+    p2 = subprocess.run([*EXE, "--version"], capture_output=True, text=True, check=True)
+    assert "pop3-gateway" in p2.stdout
+    remaining = list((tmp_path / "mail" / "demo" / "new").iterdir()) + list(
+        (tmp_path / "mail" / "demo" / "cur").iterdir()
+    )
+    assert len(remaining) == 2
