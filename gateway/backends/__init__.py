@@ -31,4 +31,21 @@ def make_backend(config: Config) -> Backend:
         if not root:
             raise ConfigError("maildir:// needs a path, e.g. maildir:///var/mail", key="upstream.url")
         return MaildirBackend(Path(root), users_file)
+    if scheme in ("imap", "imap+starttls", "imaps"):
+        from gateway.backends.imap import ImapBackend, ImapSettings
+
+        up = config.upstream
+        try:
+            settings = ImapSettings.from_url(
+                url,
+                folder=up.folder,
+                ca_file=up.ca_file,
+                insecure=up.insecure,
+                delete_policy=up.delete_policy,
+                mark_seen=up.mark_seen,
+                connect_timeout=config.server.upstream_timeout,
+            )
+            return ImapBackend(settings)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(str(exc), key="upstream.url") from None
     raise ConfigError(f"the {scheme}:// upstream is not available in this version", key="upstream.url")

@@ -1,0 +1,452 @@
+"""The IMAP upstream: every POP3 session becomes one IMAP session on the user's folder.
+
+- Connect: ``imap://`` (plain), ``imap+starttls://`` (STARTTLS, required) or ``imaps://`` (TLS from the
+  first byte). Certificates are verified unless ``insecure`` is set; ``ca_file`` adds a trust anchor.
+- Login: the POP3 credentials are passed through, with LOGIN, or AUTHENTICATE PLAIN when the server
+  disabled LOGIN. The sans-IO encoder turns them into quoted strings or literals, so no byte of them can
+  become a command. ID is sent when offered.
+- Snapshot: SELECT, then ONE ``UID FETCH 1:* (UID RFC822.SIZE)``: the round trips do not grow with the
+  mailbox. Ordered by UID. UIDLs are Dovecot's default: ``%08x`` UID + ``%08x`` UIDVALIDITY.
+- RETR streams ``UID FETCH uid (BODY.PEEK[])`` from the literal to the client; TOP fetches bounded ranges
+  (``BODY.PEEK[]<start.len>``) until the caller has the lines it needs. A message that vanished
+  upstream is MessageGone; a connection that dies mid-message is TempFailure (never a clean end).
+- Deletions at QUIT, by policy:
+  ``expunge``: ``UID STORE +FLAGS.SILENT (\\Deleted)`` then ``UID EXPUNGE`` (UIDPLUS). Without UIDPLUS a
+  plain EXPUNGE is used only when no other message in the folder carries ``\\Deleted``; otherwise our
+  flags are taken back and the client gets -ERR [SYS/TEMP]: another client's pending deletions are never
+  expunged by us. ``move:<folder>``: UID MOVE, or UID COPY + the expunge above. ``flag:<keyword>``:
+  the keyword is set, and later snapshots leave such messages out.
+- Any exception inside one IMAP exchange marks the connection broken; later calls fail fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import ssl
+import urllib.parse
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+
+import trio
+
+from gateway import __version__
+from gateway.backends.base import (
+    ApopLogin,
+    AuthFailed,
+    BackendError,
+    Entry,
+    Login,
+    MessageGone,
+    PermFailure,
+    TempFailure,
+)
+from gateway.proto import imap
+
+log = logging.getLogger("gateway.imap")
+
+READ_SIZE = 65536
+TOP_FIRST_RANGE = 64 * 1024
+TOP_MAX_RANGE = 4 * 1024 * 1024
+LOGOUT_SECONDS = 2.0
+MAX_USERNAME_OCTETS = 256
+MAX_PASSWORD_OCTETS = 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImapSettings:
+    host: str
+    port: int
+    tls: str  # "none", "starttls", "implicit"
+    folder: str = "INBOX"
+    ca_file: str = ""
+    insecure: bool = False
+    delete_policy: str = "expunge"
+    mark_seen: bool = False
+    connect_timeout: float = 15.0
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: object) -> ImapSettings:
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        tls = {"imap": "none", "imap+starttls": "starttls", "imaps": "implicit"}.get(scheme)
+        if tls is None:
+            raise ValueError(f"not an IMAP URL: {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"the IMAP URL needs a host: {url!r}")
+        if parts.username or parts.password:
+            raise ValueError("put no credentials in the upstream URL: POP3 logins are passed through")
+        port = parts.port or (993 if tls == "implicit" else 143)
+        return cls(host=parts.hostname, port=port, tls=tls, **kwargs)  # type: ignore[arg-type]
+
+
+def client_tls_context(settings: ImapSettings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=settings.ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class _Broken(Exception):
+    pass
+
+
+class ImapConnection:
+    """One upstream connection: a trio stream driving the sans-IO client, one exchange at a time."""
+
+    def __init__(self, stream: trio.abc.Stream, client: imap.Client) -> None:
+        self.stream = stream
+        self.client = client
+        self.broken = False
+        self._unfinished: str | None = None  # a tag whose response was abandoned (TOP cut)
+        self.uidvalidity = 0
+        self.exists = 0
+
+    @classmethod
+    async def connect(cls, settings: ImapSettings, tls_context: ssl.SSLContext | None) -> ImapConnection:
+        conn: ImapConnection | None = None
+        try:
+            with trio.fail_after(settings.connect_timeout):
+                conn = cls(await trio.open_tcp_stream(settings.host, settings.port), imap.Client())
+                if settings.tls == "implicit":
+                    assert tls_context is not None
+                    conn.stream = trio.SSLStream(conn.stream, tls_context, server_hostname=settings.host)
+                    await conn.stream.do_handshake()
+                greeting = await conn._event()
+                if (
+                    not isinstance(greeting, imap.UntaggedStatus)
+                    or greeting.condition is not imap.Condition.OK
+                ):
+                    raise _Broken(f"upstream greeting refused: {greeting!r}")
+                if settings.tls == "starttls":
+                    await conn._starttls(settings, tls_context)
+                if not conn.client.capabilities:
+                    await conn.command("CAPABILITY")
+        except (OSError, trio.BrokenResourceError, ssl.SSLError, imap.ImapProtocolError, _Broken) as exc:
+            if conn is not None:
+                await conn.aclose()
+            raise TempFailure(f"cannot connect to {settings.host}:{settings.port}: {exc!r}") from None
+        except trio.TooSlowError:
+            if conn is not None:
+                await conn.aclose()
+            raise TempFailure(f"connecting to {settings.host}:{settings.port} timed out") from None
+        except BaseException:
+            if conn is not None:
+                await conn.aclose()
+            raise
+        return conn
+
+    async def _starttls(self, settings: ImapSettings, tls_context: ssl.SSLContext | None) -> None:
+        if not self.client.capabilities:
+            await self.command("CAPABILITY")
+        if "STARTTLS" not in self.client.capabilities:
+            raise TempFailure("the upstream does not offer STARTTLS")
+        tagged, _ = await self.command("STARTTLS")
+        if tagged.condition is not imap.Condition.OK:
+            raise TempFailure("the upstream refused STARTTLS")
+        assert tls_context is not None
+        tls = trio.SSLStream(self.stream, tls_context, server_hostname=settings.host)
+        await tls.do_handshake()
+        self.stream = tls
+        await self.command("CAPABILITY")
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+    async def logout(self) -> None:
+        try:
+            if not self.broken:
+                with trio.move_on_after(LOGOUT_SECONDS), contextlib.suppress(Exception):
+                    await self.command("LOGOUT")
+        finally:
+            await self.aclose()
+
+    # -- reading
+
+    async def _event(self) -> imap.Event:
+        while True:
+            event = self.client.next_event()
+            if not isinstance(event, imap.NeedData):
+                if isinstance(event, imap.ConnectionClosed):
+                    raise _Broken("upstream closed the connection")
+                return event
+            data = await self.stream.receive_some(READ_SIZE)
+            self.client.receive_data(bytes(data))
+
+    async def _finish(self, tag: str) -> tuple[imap.Tagged, list[imap.Event]]:
+        untagged: list[imap.Event] = []
+        while True:
+            event = await self._event()
+            if isinstance(event, imap.Tagged) and event.tag == tag:
+                return event, untagged
+            if isinstance(event, imap.UntaggedStatus) and event.condition is imap.Condition.BYE:
+                raise _Broken(f"upstream said BYE: {event.text}")
+            if isinstance(event, imap.FetchBodyChunk):
+                continue  # never keep body bytes we did not ask to stream
+            untagged.append(event)
+
+    async def _drain_unfinished(self) -> None:
+        if self._unfinished is not None:
+            tag, self._unfinished = self._unfinished, None
+            await self._finish(tag)
+
+    # -- commands
+
+    @contextlib.asynccontextmanager
+    async def _exchange(self) -> AsyncIterator[None]:
+        if self.broken:
+            raise TempFailure("the upstream connection is broken")
+        try:
+            yield
+        except (
+            _Broken,
+            imap.ImapProtocolError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+            ssl.SSLError,
+        ) as exc:
+            self.broken = True
+            raise TempFailure(f"upstream failure: {exc!r}") from None
+        except BackendError:
+            raise  # a complete exchange with a clear answer (MessageGone): the connection is fine
+        except GeneratorExit:
+            raise  # the consumer stopped reading a body early: the rest is drained before the next command
+        except BaseException:
+            self.broken = True  # cancelled or timed out in the middle of a response
+            raise
+
+    async def command(self, name: str, *args: imap.Arg) -> tuple[imap.Tagged, list[imap.Event]]:
+        async with self._exchange():
+            await self._drain_unfinished()
+            tag, data = self.client.send_command(name, *args)
+            await self.stream.send_all(data)
+            while self.client.awaiting_continuation:
+                event = await self._event()
+                if isinstance(event, imap.Continuation):
+                    await self.stream.send_all(self.client.continue_command())
+                elif isinstance(event, imap.Tagged) and event.tag == tag:
+                    return event, []
+            return await self._finish(tag)
+
+    async def authenticate_plain(self, user: str, password: str) -> imap.Tagged:
+        payload = imap.encode_authenticate_plain("", user, password)
+        async with self._exchange():
+            await self._drain_unfinished()
+            if "SASL-IR" in self.client.capabilities:
+                tag, data = self.client.send_command("AUTHENTICATE PLAIN", imap.Atom(payload.decode("ascii")))
+                await self.stream.send_all(data)
+            else:
+                tag, data = self.client.send_command("AUTHENTICATE PLAIN")
+                await self.stream.send_all(data)
+                event = await self._event()
+                if isinstance(event, imap.Tagged) and event.tag == tag:
+                    return event
+                await self.stream.send_all(self.client.authenticate_response(payload))
+            tagged, _ = await self._finish(tag)
+            return tagged
+
+    async def fetch_body(self, uid: int, section: str) -> AsyncGenerator[bytes, None]:
+        """Yield the literal of ``UID FETCH uid (section)``; MessageGone if the server sends none."""
+        async with self._exchange():
+            await self._drain_unfinished()
+            tag, data = self.client.send_command("UID FETCH", uid, imap.Raw(f"({section})"))
+            await self.stream.send_all(data)
+            seen_body = False
+            while True:
+                event = await self._event()
+                match event:
+                    case imap.FetchBodyStart():
+                        seen_body = True
+                        self._unfinished = tag  # if the consumer stops early, drain before the next command
+                    case imap.FetchBodyChunk(chunk):
+                        yield chunk
+                    case imap.Tagged() if event.tag == tag:
+                        self._unfinished = None
+                        if event.condition is not imap.Condition.OK:
+                            raise MessageGone(f"UID {uid}: {event.text}")
+                        if not seen_body:
+                            raise MessageGone(f"UID {uid} is gone")
+                        return
+                    case imap.UntaggedStatus() if event.condition is imap.Condition.BYE:
+                        raise _Broken(f"upstream said BYE: {event.text}")
+                    case _:
+                        pass
+
+
+class ImapMaildrop:
+    def __init__(self, conn: ImapConnection, settings: ImapSettings, entries: list[Entry], uids: list[int]):
+        self.conn = conn
+        self.settings = settings
+        self._entries = entries
+        self._uids = uids
+
+    @property
+    def entries(self) -> Sequence[Entry]:
+        return self._entries
+
+    async def stream(self, index: int, *, top_lines: int | None = None) -> AsyncGenerator[bytes, None]:
+        uid = self._uids[index]
+        if top_lines is None:
+            section = "BODY[]" if self.settings.mark_seen else "BODY.PEEK[]"
+            async with contextlib.aclosing(self.conn.fetch_body(uid, section)) as body:
+                async for chunk in body:
+                    yield chunk
+            return
+        # TOP: bounded ranges, growing, so a TOP n 0 of a 50 MB message reads only its start.
+        start, length = 0, TOP_FIRST_RANGE
+        while True:
+            got = 0
+            async with contextlib.aclosing(
+                self.conn.fetch_body(uid, f"BODY.PEEK[]<{start}.{length}>")
+            ) as body:
+                async for chunk in body:
+                    got += len(chunk)
+                    yield chunk
+            if got < length:
+                return
+            start += got
+            length = min(length * 4, TOP_MAX_RANGE)
+
+    async def apply_deletions(self, indexes: Sequence[int]) -> None:
+        if not indexes:
+            return
+        uids = imap.sequence_set(self._uids[i] for i in indexes)
+        policy = self.settings.delete_policy
+        if policy.startswith("flag:"):
+            keyword = imap.Atom(policy[5:])
+            await self._ok("UID STORE", uids, imap.Atom("+FLAGS.SILENT"), [keyword])
+            return
+        if policy.startswith("move:"):
+            target = policy[5:]
+            if "MOVE" in self.conn.client.capabilities:
+                await self._ok("UID MOVE", uids, target)
+                return
+            await self._ok("UID COPY", uids, target)
+        await self._ok("UID STORE", uids, imap.Atom("+FLAGS.SILENT"), [imap.Atom("\\Deleted")])
+        await self._expunge(uids, len(indexes))
+
+    async def _expunge(self, uids: imap.Atom, count: int) -> None:
+        caps = self.conn.client.capabilities
+        if "UIDPLUS" in caps or "IMAP4REV2" in caps:
+            await self._ok("UID EXPUNGE", uids)
+            return
+        # No UIDPLUS: a plain EXPUNGE would also remove what other clients flagged \Deleted.
+        _, untagged = await self._ok("UID SEARCH", imap.Atom("DELETED"))
+        flagged: set[int] = set()
+        for event in untagged:
+            if isinstance(event, imap.Search):
+                flagged.update(event.numbers)
+        ours = {u for lo, hi in imap.parse_sequence_set(uids.value) for u in range(lo, hi + 1)}
+        if flagged <= ours:
+            await self._ok("EXPUNGE")
+            return
+        await self._ok("UID STORE", uids, imap.Atom("-FLAGS.SILENT"), [imap.Atom("\\Deleted")])
+        raise TempFailure(
+            f"not expunged: the upstream lacks UIDPLUS and {len(flagged - ours)} other message(s) are "
+            f"flagged \\Deleted; {count} message(s) left in place"
+        )
+
+    async def _ok(self, name: str, *args: imap.Arg) -> tuple[imap.Tagged, list[imap.Event]]:
+        tagged, untagged = await self.conn.command(name, *args)
+        if tagged.condition is not imap.Condition.OK:
+            raise TempFailure(f"{name} failed upstream: {tagged.condition.value} {tagged.text}")
+        return tagged, untagged
+
+
+def dovecot_uidl(uid: int, uidvalidity: int) -> str:
+    """Dovecot's default POP3 UIDL (pop3_uidl_format = %08Xu%08Xv, which Dovecot prints in lowercase)."""
+    return f"{uid:08x}{uidvalidity:08x}"
+
+
+class ImapBackend:
+    name = "imap"
+
+    def __init__(self, settings: ImapSettings) -> None:
+        self.settings = settings
+        self._tls = client_tls_context(settings) if settings.tls != "none" else None
+
+    def lock_key(self, username: str) -> str:
+        s = self.settings
+        return f"imap:{s.host}:{s.port}:{username}:{s.folder}"
+
+    @contextlib.asynccontextmanager
+    async def open_maildrop(self, login: Login) -> AsyncIterator[ImapMaildrop]:
+        if isinstance(login, ApopLogin):
+            raise AuthFailed("APOP cannot be passed through to IMAP")
+        if (
+            len(login.username.encode()) > MAX_USERNAME_OCTETS
+            or len(login.password.encode()) > MAX_PASSWORD_OCTETS
+        ):
+            # IMAP servers cap pre-login input (Dovecot answers BYE): refuse here, as bad credentials.
+            raise AuthFailed("credentials too long to pass through")
+        conn = await ImapConnection.connect(self.settings, self._tls)
+        try:
+            await self._login(conn, login.username, login.password)
+            drop = await self._snapshot(conn)
+            yield drop
+        finally:
+            await conn.logout()
+
+    async def _login(self, conn: ImapConnection, user: str, password: str) -> None:
+        caps = conn.client.capabilities
+        try:
+            if "LOGINDISABLED" in caps:
+                if "AUTH=PLAIN" not in caps:
+                    raise TempFailure("the upstream allows no plaintext login on this connection")
+                tagged = await conn.authenticate_plain(user, password)
+            else:
+                tagged, _ = await conn.command("LOGIN", user, password)
+        except imap.LocalProtocolError:
+            raise AuthFailed("credentials that cannot be sent to IMAP (NUL)") from None
+        if tagged.condition is not imap.Condition.OK:
+            code = tagged.code.name if tagged.code else ""
+            if code in ("UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT"):
+                raise TempFailure(f"upstream login unavailable: [{code}] {tagged.text}")
+            raise AuthFailed(f"upstream refused the login: [{code}] {tagged.text}")
+        if not tagged.code or tagged.code.name != "CAPABILITY":
+            await conn.command("CAPABILITY")
+        if "ID" in conn.client.capabilities:
+            await conn.command("ID", ["name", "pop3-gateway", "version", __version__])
+
+    async def _snapshot(self, conn: ImapConnection) -> ImapMaildrop:
+        tagged, untagged = await conn.command("SELECT", self.settings.folder)
+        if tagged.condition is not imap.Condition.OK:
+            raise PermFailure(f"cannot select {self.settings.folder!r}: {tagged.text}")
+        uidvalidity = 0
+        exists = 0
+        for event in untagged:
+            if isinstance(event, imap.UntaggedStatus) and event.code and event.code.name == "UIDVALIDITY":
+                uidvalidity = event.code.int_value()
+            elif isinstance(event, imap.Exists):
+                exists = event.count
+        conn.uidvalidity, conn.exists = uidvalidity, exists
+        hide = (
+            self.settings.delete_policy[5:].lower()
+            if self.settings.delete_policy.startswith("flag:")
+            else None
+        )
+        rows: list[tuple[int, int]] = []
+        if exists:
+            items = "(UID RFC822.SIZE FLAGS)" if hide else "(UID RFC822.SIZE)"
+            tagged, untagged = await conn.command("UID FETCH", imap.Atom("1:*"), imap.Raw(items))
+            if tagged.condition is not imap.Condition.OK:
+                raise TempFailure(f"snapshot fetch failed: {tagged.text}")
+            for event in untagged:
+                if not isinstance(event, imap.Fetch):
+                    continue
+                uid, size = event.uid, event.rfc822_size
+                if uid is None or size is None:
+                    continue
+                if hide and any(f.lower() == hide for f in event.flags or ()):
+                    continue
+                rows.append((uid, size))
+        rows.sort()
+        entries = [Entry(str(uid), size, dovecot_uidl(uid, uidvalidity)) for uid, size in rows]
+        return ImapMaildrop(conn, self.settings, entries, [uid for uid, _ in rows])
+
+    async def aclose(self) -> None:
+        pass
