@@ -293,21 +293,27 @@ def parse_command(line: bytes) -> Command:
     """One command line without its CRLF. Raises BadCommand with a reply-safe text."""
     if b"\x00" in line:
         raise BadCommand("NUL in command")
-    if not line.isascii():
-        raise BadCommand("Non-ASCII command")
     verb, _, rest = line.partition(b" ")
     verb = verb.upper()
+    if not line.isascii():
+        # Only credentials may carry 8-bit text, and then only as UTF-8 (passwords often do).
+        if verb not in (b"USER", b"PASS", b"APOP"):
+            raise BadCommand("Non-ASCII command")
+        try:
+            rest.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadCommand("Credentials are not UTF-8") from None
     if verb == b"PASS":
         # The password is the rest of the line, spaces included (as Dovecot and most servers do).
         if not rest:
             raise BadCommand("PASS needs a password")
-        return Pass(rest.decode("ascii"))
+        return Pass(rest.decode("utf-8"))
     args = rest.split()
     match verb, len(args):
         case b"USER", 1:
-            return User(args[0].decode("ascii"))
+            return User(args[0].decode("utf-8"))
         case b"APOP", 2:
-            return Apop(args[0].decode("ascii"), args[1].decode("ascii"))
+            return Apop(args[0].decode("utf-8"), args[1].decode("utf-8"))
         case b"AUTH", 0:
             return Auth(None)
         case b"AUTH", 1:

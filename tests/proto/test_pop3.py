@@ -63,6 +63,16 @@ def test_user_pass_asks_the_caller_to_authenticate_without_showing_the_password(
     assert replies(conn, b"") == b"+OK 3 465\r\n"
 
 
+def test_utf8_credentials_are_accepted_and_invalid_utf8_refused() -> None:
+    conn = pop3.Connection(pop3.Settings(), timestamp=TS)
+    assert replies(conn, "USER j\u00f6rg\r\n".encode()).startswith(b"+OK")
+    [ev] = events(conn, "PASS p\u00e4ss w\u00f6rd\r\n".encode())
+    assert ev == pop3.Authenticate(PasswordLogin("j\u00f6rg", "p\u00e4ss w\u00f6rd"))
+    conn = pop3.Connection(pop3.Settings(), timestamp=TS)
+    assert replies(conn, b"USER \xff\r\n") == b"-ERR Credentials are not UTF-8\r\n"
+    assert replies(conn, b"CAPA \xc3\xa9\r\n") == b"-ERR Non-ASCII command\r\n"
+
+
 def test_pass_without_user_is_refused() -> None:
     conn = pop3.Connection(pop3.Settings(), timestamp=TS)
     assert replies(conn, b"PASS x\r\n") == b"-ERR USER first\r\n"
@@ -220,8 +230,6 @@ def test_retr_and_top_ask_the_caller_to_stream() -> None:
 )
 def test_bad_input_gets_err_and_session_goes_on(line: bytes, reply: bytes) -> None:
     conn = logged_in()
-    if line == b"USER \xc3\xa9":
-        reply = b"-ERR Non-ASCII command\r\n"
     assert replies(conn, line + b"\r\n") == reply
     assert replies(conn, b"STAT\r\n") == b"+OK 3 465\r\n"
 

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Install what `make test` / `make run` need, idempotently and quietly.
+#
+# As root: the Debian packages for the real upstreams and real clients (apt-get update only when something
+# is missing), and the `vmail` system user that owns test mailboxes. As another user: report what is
+# missing and carry on. Then the project venv: created when absent, and `pip install -e '.[test]'` only
+# when pyproject.toml is newer than the stamp, so a second run costs well under a second.
+#
+# Never install `cyrus-imapd` here: it conflicts with `dovecot-imapd` (both provide imap-server) and apt
+# silently removes whichever came first. Cyrus's imapd is unpacked privately when it is needed.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+packages=(
+    python3-venv
+    dovecot-core dovecot-imapd dovecot-pop3d
+    fetchmail mpop getmail6 curl
+    cyrus-common cyrus-caldav sasl2-bin libsasl2-modules
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+    [[ "$status" == "install ok installed" ]] || missing+=("$pkg")
+done
+
+if ((${#missing[@]})); then
+    if [[ $EUID -eq 0 ]]; then
+        echo "setup-deps: installing ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt_log=$(mktemp)
+        if ! { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } \
+            >"$apt_log" 2>&1; then
+            cat "$apt_log" >&2
+            rm -f "$apt_log"
+            echo "setup-deps: apt-get failed" >&2
+            exit 1
+        fi
+        rm -f "$apt_log"
+    else
+        echo "setup-deps: not root; missing Debian packages: ${missing[*]}" >&2
+        echo "setup-deps: the real-server tests will fail until they are installed" >&2
+    fi
+fi
+
+# Mail cannot be stored as root: the test Dovecot runs mail processes as this user.
+if ! getent passwd vmail >/dev/null; then
+    if [[ $EUID -eq 0 ]]; then
+        useradd --system --user-group --no-create-home --shell /usr/sbin/nologin vmail
+    else
+        echo "setup-deps: not root; system user 'vmail' is missing" >&2
+    fi
+fi
+
+stamp=.venv/.setup-deps.stamp
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv
+    rm -f "$stamp"
+fi
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+    pip_log=$(mktemp)
+    if ! .venv/bin/python -m pip install --disable-pip-version-check -q -e '.[test]' >"$pip_log" 2>&1; then
+        cat "$pip_log" >&2
+        rm -f "$pip_log"
+        echo "setup-deps: pip install failed" >&2
+        exit 1
+    fi
+    rm -f "$pip_log"
+    touch "$stamp"
+fi
