@@ -35,6 +35,7 @@ from gateway.backends.base import (
     Maildrop,
     MessageGone,
     PermFailure,
+    SizeChanged,
     TempFailure,
 )
 from gateway.config import Config, ListenConfig
@@ -387,7 +388,10 @@ class _Session:
                     first = await _first(chunks)
             except (BackendError, trio.TooSlowError) as exc:
                 log.warning("fetch failed before sending peer=%s msg=%d: %r", self.peer, event.msg_num, exc)
-                self.out += self.conn.message_unavailable()
+                if isinstance(exc, SizeChanged):
+                    self.out += pop3.err("Message size changed upstream; try again", "SYS/TEMP")
+                else:
+                    self.out += self.conn.message_unavailable()
                 return
             self.out += event.status
             if first is not None:
@@ -414,12 +418,13 @@ class _Session:
             self.stats.retr_octets += encoder.octets
             if encoder.octets != event.size:
                 log.warning(
-                    "size mismatch peer=%s msg=%d listed=%d sent=%d",
+                    "size mismatch peer=%s msg=%d listed=%d sent=%d; later sessions list the sent size",
                     self.peer,
                     event.msg_num,
                     event.size,
                     encoder.octets,
                 )
+                drop.note_size(event.index, encoder.octets)
         else:
             self.stats.top += 1
             self.stats.top_octets += encoder.octets

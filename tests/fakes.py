@@ -45,6 +45,9 @@ class FakeMaildrop:
             await trio.sleep(0)
             yield data[i : i + step]
 
+    def note_size(self, index: int, octets: int) -> None:
+        self.backend.noted_sizes[self._ids[index]] = octets
+
     async def apply_deletions(self, indexes: Sequence[int]) -> None:
         self.backend.deletion_batches.append([self._ids[i] for i in indexes])
         if self.backend.fail_deletions:
@@ -66,6 +69,7 @@ class FakeBackend:
         self.fail_deletions = False
         self.login_delay = 0.0
         self.deletion_batches: list[list[str]] = []
+        self.noted_sizes: dict[str, int] = {}
         self.open_drops = 0
 
     def lock_key(self, username: str) -> str:

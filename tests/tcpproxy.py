@@ -12,6 +12,7 @@ class RecordingProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.client_bytes: list[bytes] = []  # what the gateway sent upstream, one entry per connection
+        self.server_bytes: list[int] = []  # how many bytes the upstream sent, per connection
         self.cut_server_after: int | None = None  # close both sides after relaying this many server bytes
         self.cut_after_marker: bytes | None = None  # start counting only once this was seen from the server
         self.rewrite: Callable[[bytes], bytes] | None = None
@@ -32,6 +33,7 @@ class RecordingProxy:
     async def _handle(self, downstream: trio.SocketStream) -> None:
         index = len(self.client_bytes)
         self.client_bytes.append(b"")
+        self.server_bytes.append(0)
         try:
             upstream = await trio.open_tcp_stream(*self.target)
         except OSError:
@@ -54,6 +56,7 @@ class RecordingProxy:
                 seen = b""
                 try:
                     while data := await upstream.receive_some(65536):
+                        self.server_bytes[index] += len(data)
                         if self.rewrite is not None:
                             data = self.rewrite(data)
                         if not armed and self.cut_after_marker is not None:

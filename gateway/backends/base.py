@@ -41,6 +41,7 @@ __all__ = [
     "MessageGone",
     "PasswordLogin",
     "PermFailure",
+    "SizeChanged",
     "TempFailure",
 ]
 
@@ -76,6 +77,17 @@ class MessageGone(BackendError):
     """The message left the upstream during the session (expunged by another client)."""
 
 
+class SizeChanged(BackendError):
+    """Before anything was sent: the upstream is about to deliver a size other than the one listed.
+
+    The backend has already remembered the true size for later snapshots; this RETR gets -ERR so the
+    client never receives a message that disagrees with the LIST of its session."""
+
+    def __init__(self, message: str, actual: int) -> None:
+        super().__init__(message)
+        self.actual = actual
+
+
 class Maildrop(Protocol):
     @property
     def entries(self) -> Sequence[Entry]: ...
@@ -85,6 +97,11 @@ class Maildrop(Protocol):
 
         Callers close it with ``contextlib.aclosing`` (they may stop early, at a TOP cut). An index out
         of range is a caller bug: IndexError."""
+        ...
+
+    def note_size(self, index: int, octets: int) -> None:
+        """The shell sent ``octets`` for a whole message listed with another size: remember the true size
+        so later snapshots list what RETR sends."""
         ...
 
     async def apply_deletions(self, indexes: Sequence[int]) -> None:

@@ -39,6 +39,7 @@ from gateway.backends.base import (
     Login,
     MessageGone,
     PermFailure,
+    SizeChanged,
     TempFailure,
 )
 from gateway.proto import imap
@@ -51,6 +52,7 @@ TOP_MAX_RANGE = 4 * 1024 * 1024
 LOGOUT_SECONDS = 2.0
 MAX_USERNAME_OCTETS = 256
 MAX_PASSWORD_OCTETS = 1024
+MAX_SIZE_FIXES = 100_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -249,8 +251,11 @@ class ImapConnection:
             tagged, _ = await self._finish(tag)
             return tagged
 
-    async def fetch_body(self, uid: int, section: str) -> AsyncGenerator[bytes, None]:
-        """Yield the literal of ``UID FETCH uid (section)``; MessageGone if the server sends none."""
+    async def fetch_body(
+        self, uid: int, section: str, expect_size: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """Yield the literal of ``UID FETCH uid (section)``; MessageGone if the server sends none;
+        SizeChanged (before the first byte) if the literal is not ``expect_size`` octets."""
         async with self._exchange():
             await self._drain_unfinished()
             tag, data = self.client.send_command("UID FETCH", uid, imap.Raw(f"({section})"))
@@ -259,9 +264,11 @@ class ImapConnection:
             while True:
                 event = await self._event()
                 match event:
-                    case imap.FetchBodyStart():
+                    case imap.FetchBodyStart(size=size):
                         seen_body = True
                         self._unfinished = tag  # if the consumer stops early, drain before the next command
+                        if expect_size is not None and size != expect_size:
+                            raise SizeChanged(f"UID {uid}: listed {expect_size}, upstream sends {size}", size)
                     case imap.FetchBodyChunk(chunk):
                         yield chunk
                     case imap.Tagged() if event.tag == tag:
@@ -278,11 +285,26 @@ class ImapConnection:
 
 
 class ImapMaildrop:
-    def __init__(self, conn: ImapConnection, settings: ImapSettings, entries: list[Entry], uids: list[int]):
+    def __init__(
+        self,
+        conn: ImapConnection,
+        settings: ImapSettings,
+        entries: list[Entry],
+        uids: list[int],
+        fixes: dict[tuple[str, int, int], int],
+        fix_key: str,
+    ) -> None:
         self.conn = conn
         self.settings = settings
         self._entries = entries
         self._uids = uids
+        self._fixes = fixes  # the backend's size corrections, shared by all sessions
+        self._fix_key = fix_key
+
+    def note_size(self, index: int, octets: int) -> None:
+        """Remember the size RETR really sent, so later snapshots list it (RFC822.SIZE was wrong)."""
+        if len(self._fixes) < MAX_SIZE_FIXES:
+            self._fixes[(self._fix_key, self.conn.uidvalidity, self._uids[index])] = octets
 
     @property
     def entries(self) -> Sequence[Entry]:
@@ -292,9 +314,15 @@ class ImapMaildrop:
         uid = self._uids[index]
         if top_lines is None:
             section = "BODY[]" if self.settings.mark_seen else "BODY.PEEK[]"
-            async with contextlib.aclosing(self.conn.fetch_body(uid, section)) as body:
-                async for chunk in body:
-                    yield chunk
+            expected = self._entries[index].size
+            try:
+                async with contextlib.aclosing(self.conn.fetch_body(uid, section, expected)) as body:
+                    async for chunk in body:
+                        yield chunk
+            except SizeChanged as exc:
+                log.warning("size mismatch upstream: %s; later sessions list the true size", exc)
+                self.note_size(index, exc.actual)
+                raise
             return
         # TOP: bounded ranges, growing, so a TOP n 0 of a 50 MB message reads only its start.
         start, length = 0, TOP_FIRST_RANGE
@@ -368,6 +396,7 @@ class ImapBackend:
     def __init__(self, settings: ImapSettings) -> None:
         self.settings = settings
         self._tls = client_tls_context(settings) if settings.tls != "none" else None
+        self._size_fixes: dict[tuple[str, int, int], int] = {}
 
     def lock_key(self, username: str) -> str:
         s = self.settings
@@ -386,7 +415,7 @@ class ImapBackend:
         conn = await ImapConnection.connect(self.settings, self._tls)
         try:
             await self._login(conn, login.username, login.password)
-            drop = await self._snapshot(conn)
+            drop = await self._snapshot(conn, login.username)
             yield drop
         finally:
             await conn.logout()
@@ -412,7 +441,7 @@ class ImapBackend:
         if "ID" in conn.client.capabilities:
             await conn.command("ID", ["name", "pop3-gateway", "version", __version__])
 
-    async def _snapshot(self, conn: ImapConnection) -> ImapMaildrop:
+    async def _snapshot(self, conn: ImapConnection, user: str) -> ImapMaildrop:
         tagged, untagged = await conn.command("SELECT", self.settings.folder)
         if tagged.condition is not imap.Condition.OK:
             raise PermFailure(f"cannot select {self.settings.folder!r}: {tagged.text}")
@@ -445,8 +474,13 @@ class ImapBackend:
                     continue
                 rows.append((uid, size))
         rows.sort()
-        entries = [Entry(str(uid), size, dovecot_uidl(uid, uidvalidity)) for uid, size in rows]
-        return ImapMaildrop(conn, self.settings, entries, [uid for uid, _ in rows])
+        fix_key = self.lock_key(user)
+        fixes = self._size_fixes
+        entries = [
+            Entry(str(uid), fixes.get((fix_key, uidvalidity, uid), size), dovecot_uidl(uid, uidvalidity))
+            for uid, size in rows
+        ]
+        return ImapMaildrop(conn, self.settings, entries, [uid for uid, _ in rows], fixes, fix_key)
 
     async def aclose(self) -> None:
         pass

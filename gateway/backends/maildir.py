@@ -229,12 +229,21 @@ class _TopCutter:
 
 
 class _MaildirMaildrop:
-    __slots__ = ("_entries", "_maildir", "_paths")
+    __slots__ = ("_entries", "_fixes", "_maildir", "_paths")
 
-    def __init__(self, maildir: Path, entries: tuple[Entry, ...], paths: list[Path]) -> None:
+    def __init__(
+        self, maildir: Path, entries: tuple[Entry, ...], paths: list[Path], fixes: dict[tuple[str, str], int]
+    ) -> None:
         self._maildir = maildir
         self._entries = entries
         self._paths = paths  # current known path of each entry; updated when found moved
+        self._fixes = fixes  # the backend's size corrections, shared
+
+    def note_size(self, index: int, octets: int) -> None:
+        """RETR sent another size than listed (a wrong ,W= in the name): list the true size from now on."""
+        self._check_index(index)
+        if len(self._fixes) < _SIZE_CACHE_MAX:
+            self._fixes[(str(self._maildir), self._entries[index].upstream_id)] = octets
 
     @property
     def entries(self) -> Sequence[Entry]:
@@ -307,6 +316,7 @@ class MaildirBackend:
         self._users_file = Path(users_file)
         self._users: tuple[_UsersKey, dict[str, accounts.UserRecord]] | None = None
         self._sizes: collections.OrderedDict[_SizeKey, int] = collections.OrderedDict()
+        self._size_fixes: dict[tuple[str, str], int] = {}
         # scrypt takes 16 MiB and a core for ~50 ms: do not run forty of them at once
         self._scrypt_limiter = trio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
 
@@ -406,8 +416,11 @@ class MaildirBackend:
         present = sorted(
             ((f, f.size) for f in files if f.size is not None), key=lambda pair: _order_key(pair[0].base)
         )
-        entries = tuple(Entry(f.base, size, _uidl(f.base)) for f, size in present)
-        return _MaildirMaildrop(maildir, entries, [f.path for f, _ in present])
+        fixes = self._size_fixes
+        entries = tuple(
+            Entry(f.base, fixes.get((str(maildir), f.base), size), _uidl(f.base)) for f, size in present
+        )
+        return _MaildirMaildrop(maildir, entries, [f.path for f, _ in present], fixes)
 
 
 def _apop_matches(timestamp: str, secret: str, digest: str) -> bool:
