@@ -158,6 +158,22 @@ async def _serve_until_signal(server: object, demo: tuple[str, str] | None) -> N
     from gateway.server import Server
 
     assert isinstance(server, Server)
+    from gateway.store import AsyncUidlStore
+
+    store = AsyncUidlStore(server.config.state_path / "uidl.sqlite3")
+    await store.open()
+    server.store = store
+    try:
+        await _serve_signals(server, demo)
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+
+
+async def _serve_signals(server: object, demo: tuple[str, str] | None) -> None:
+    from gateway.server import Server
+
+    assert isinstance(server, Server)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.serve)

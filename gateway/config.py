@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 DEFAULT_STATE_DIR = Path("state")
 _T = typing.TypeVar("_T")
+UIDL_FORMATS = ("native", "dovecot", "uidvalidity-uid", "gmail", "hash")
 UPSTREAM_SCHEMES = ("maildir", "imap", "imap+starttls", "imaps", "jmap+http", "jmap+https")
 
 
@@ -69,6 +70,7 @@ class UpstreamConfig:
     insecure: bool = False
     delete_policy: str = "expunge"
     mark_seen: bool = False
+    uidl_format: str = "native"  # native, dovecot, uidvalidity-uid, gmail, hash (for new messages)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -262,6 +264,8 @@ def validate(config: Config, text: str = "") -> None:
             upstream_scheme(config.upstream.url)
         except ValueError as exc:
             fail(("upstream", "url"), str(exc))
+    if config.upstream.uidl_format not in UIDL_FORMATS:
+        fail(("upstream", "uidl_format"), "must be one of " + ", ".join(UIDL_FORMATS))
     policy = config.upstream.delete_policy
     if not (
         policy == "expunge"

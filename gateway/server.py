@@ -23,10 +23,11 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
+from gateway import durable
 from gateway.backends.base import (
     AuthFailed,
     Backend,
@@ -43,6 +44,8 @@ from gateway.proto import pop3
 from gateway.proto.body import BodyEncoder
 from gateway.proto.logins import Login
 from gateway.proto.maildrop import MessageInfo
+from gateway.proto.uidl import Fingerprinter
+from gateway.store import AsyncUidlStore
 
 log = logging.getLogger("gateway.session")
 
@@ -81,9 +84,11 @@ class Server:
         backend: Backend,
         *,
         tls_contexts: dict[int, ssl.SSLContext] | None = None,
+        store: AsyncUidlStore | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
+        self.store = store
         self._tls = tls_contexts if tls_contexts is not None else self._load_tls(config)
         self._accept_scope = trio.CancelScope()
         self._active = 0
@@ -369,6 +374,23 @@ class _Session:
                     return None
                 self.server._locks.add(key)
                 stack.callback(self.server._locks.discard, key)
+            if self.server.store is not None:
+                try:
+                    with trio.fail_after(self.config.upstream_timeout):
+                        durable_drop = await durable.attach(
+                            drop,
+                            self.server.store,
+                            name=key,
+                            account=login.username,
+                            fmt=self.server.config.upstream.uidl_format,
+                        )
+                except (BackendError, trio.TooSlowError) as exc:
+                    log.error("uidl assignment failed peer=%s user=%s: %r", self.peer, login.username, exc)
+                    await stack.aclose()
+                    self.out += self.conn.auth_failed("Upstream unavailable, try again later", "SYS/TEMP")
+                    return None
+                stack.push_async_callback(_shielded, durable_drop.flush)
+                drop = durable_drop
             self.server._last_login[key] = now
             self.username = login.username
             messages = [MessageInfo(e.size, e.uidl) for e in drop.entries]
@@ -380,7 +402,8 @@ class _Session:
         return None
 
     async def _fetch(self, event: pop3.Fetch, drop: Maildrop) -> None:
-        encoder = BodyEncoder(event.top_lines)
+        fingerprint = Fingerprinter() if isinstance(drop, durable.DurableMaildrop) else None
+        encoder = BodyEncoder(event.top_lines, sink=fingerprint.feed if fingerprint else None)
         chunks = drop.stream(event.index, top_lines=event.top_lines)
         async with contextlib.aclosing(chunks):
             try:
@@ -412,7 +435,15 @@ class _Session:
                 self.out.clear()
                 self.stats.result = "upstream-failed-mid-message"
                 raise trio.BrokenResourceError("upstream failed mid-message") from exc
+        whole = event.top_lines is None or not encoder.done
         self.out += encoder.finish()
+        if fingerprint is not None:
+            assert isinstance(drop, durable.DurableMaildrop)
+            if whole:
+                fingerprint.finish()
+            drop.note_fingerprint(
+                event.index, fingerprint.header_sha1(), fingerprint.body_sha1() if whole else None
+            )
         if event.top_lines is None:
             self.stats.retr += 1
             self.stats.retr_octets += encoder.octets
@@ -443,6 +474,11 @@ class _Session:
                     ok = False
         self.stats.result = "quit" if ok else "update-failed"
         return self.conn.update_finished(ok)
+
+
+async def _shielded(fn: Callable[[], Awaitable[None]]) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(10):
+        await fn()
 
 
 async def _first(chunks: AsyncIterator[bytes]) -> bytes | None:

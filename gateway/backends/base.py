@@ -50,7 +50,14 @@ __all__ = [
 class Entry:
     upstream_id: str
     size: int
-    uidl: str
+    uidl: str  # the backend's proposal (the "native" UIDL format); the UIDL store has the last word
+    key: str = ""  # the most stable identity (EMAILID, UIDVALIDITY+UID, Email id...); "" = upstream_id
+    uid: int = 0  # IMAP UID and UIDVALIDITY, for the UIDL formats built from them; 0 when none
+    uidvalidity: int = 0
+
+    @property
+    def stable_key(self) -> str:
+        return self.key or self.upstream_id
 
 
 class BackendError(Exception):

@@ -385,6 +385,17 @@ class ImapMaildrop:
         return tagged, untagged
 
 
+def _emailid(value: imap.Value) -> str | None:
+    """RFC 8474 EMAILID is a parenthesised objectid: ``EMAILID (M6d99ac3275bb4e)``."""
+    if isinstance(value, tuple) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, imap.Atom):
+        return value.value
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return None
+
+
 def dovecot_uidl(uid: int, uidvalidity: int) -> str:
     """Dovecot's default POP3 UIDL (pop3_uidl_format = %08Xu%08Xv, which Dovecot prints in lowercase)."""
     return f"{uid:08x}{uidvalidity:08x}"
@@ -459,8 +470,10 @@ class ImapBackend:
             else None
         )
         rows: list[tuple[int, int]] = []
+        emailids: dict[int, str] = {}
+        objectid = "OBJECTID" in conn.client.capabilities
         if exists:
-            items = "(UID RFC822.SIZE FLAGS)" if hide else "(UID RFC822.SIZE)"
+            items = "(UID RFC822.SIZE" + (" FLAGS" if hide else "") + (" EMAILID" if objectid else "") + ")"
             tagged, untagged = await conn.command("UID FETCH", imap.Atom("1:*"), imap.Raw(items))
             if tagged.condition is not imap.Condition.OK:
                 raise TempFailure(f"snapshot fetch failed: {tagged.text}")
@@ -473,11 +486,21 @@ class ImapBackend:
                 if hide and any(f.lower() == hide for f in event.flags or ()):
                     continue
                 rows.append((uid, size))
-        rows.sort()
+                emailid = _emailid(event.items.get("EMAILID"))
+                if emailid:
+                    emailids[uid] = emailid
+        rows = sorted(dict(rows).items())
         fix_key = self.lock_key(user)
         fixes = self._size_fixes
         entries = [
-            Entry(str(uid), fixes.get((fix_key, uidvalidity, uid), size), dovecot_uidl(uid, uidvalidity))
+            Entry(
+                str(uid),
+                fixes.get((fix_key, uidvalidity, uid), size),
+                dovecot_uidl(uid, uidvalidity),
+                key=f"e:{emailids[uid]}" if uid in emailids else f"u:{uidvalidity}:{uid}",
+                uid=uid,
+                uidvalidity=uidvalidity,
+            )
             for uid, size in rows
         ]
         return ImapMaildrop(conn, self.settings, entries, [uid for uid, _ in rows], fixes, fix_key)

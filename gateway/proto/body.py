@@ -14,13 +14,16 @@ Invariants (RFC 1939 section 3):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 TERMINATOR = b".\r\n"
 
 
 class BodyEncoder:
-    __slots__ = ("_at_line_start", "_body_lines_left", "_held_cr", "_in_headers", "done", "octets")
+    __slots__ = ("_at_line_start", "_body_lines_left", "_held_cr", "_in_headers", "_sink", "done", "octets")
 
-    def __init__(self, top_lines: int | None = None) -> None:
+    def __init__(self, top_lines: int | None = None, sink: Callable[[bytes], None] | None = None) -> None:
+        """``sink``, if given, receives every normalised piece before dot-stuffing (for fingerprints)."""
         if top_lines is not None and top_lines < 0:
             raise ValueError("top_lines must be >= 0")
         self._at_line_start = True
@@ -30,6 +33,7 @@ class BodyEncoder:
         self._in_headers = top_lines is not None
         self.done = False  # True once a TOP cut has been reached: further input is ignored
         self.octets = 0
+        self._sink = sink
 
     def feed(self, chunk: bytes) -> bytes:
         """Encode the next piece of the raw message; returns the bytes to send (possibly empty)."""
@@ -63,6 +67,8 @@ class BodyEncoder:
 
     def _stuff(self, data: bytes) -> bytes:
         self.octets += len(data)
+        if self._sink is not None:
+            self._sink(data)
         out = data.replace(b"\n.", b"\n..")
         if self._at_line_start and data[:1] == b".":
             out = b"." + out

@@ -1,0 +1,216 @@
+"""The UIDL store on its own: assignment, formats, rematching, import, schema, crash-safety rules."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.proto import uidl as rules
+from gateway.store import SCHEMA_VERSION, AsyncUidlStore, Item, UidlStore
+
+
+def items(*specs: tuple[str, int]) -> list[Item]:
+    return [Item(key, size, native=f"n-{key}") for key, size in specs]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> UidlStore:
+    s = UidlStore(tmp_path / "uidl.sqlite3")
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def test_uidls_are_stable_across_sessions_and_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "u.db"
+    s = UidlStore(path)
+    first = s.assign("mb", "alice", items(("a", 10), ("b", 20)), "native").uidls
+    assert first == ("n-a", "n-b")
+    s.close()
+    s = UidlStore(path)
+    again = s.assign("mb", "alice", items(("a", 10), ("b", 20), ("c", 5)), "native")
+    assert again.uidls[:2] == first
+    assert again.new == 1
+    assert s.integrity_ok()
+    s.close()
+
+
+def test_a_deleted_messages_uidl_is_never_given_again(store: UidlStore) -> None:
+    store.assign("mb", "a", [Item("k1", 1, native="same")], "native")
+    store.mark_deleted("mb", ["k1"])
+    r = store.assign("mb", "a", [Item("k2", 1, native="same")], "native")
+    assert r.uidls == ("same-2",)
+    r = store.assign("mb", "a", [Item("k3", 1, native="same")], "native")
+    assert r.uidls == ("same-3",)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected"),
+    [
+        ("native", "n-k"),
+        ("dovecot", "0000002a00000007"),
+        ("uidvalidity-uid", "7-42"),
+        ("hash", rules.propose("hash", key="k", native="", uid=0, uidvalidity=0)),
+    ],
+)
+def test_formats(store: UidlStore, fmt: str, expected: str) -> None:
+    r = store.assign("mb", "a", [Item("k", 1, native="n-k", uid=42, uidvalidity=7)], fmt)
+    assert r.uidls == (expected,)
+
+
+def test_gmail_and_hash_formats_are_valid_and_stable() -> None:
+    g = rules.propose("gmail", key="e:abc", native="", uid=1, uidvalidity=1)
+    assert g.startswith("GmailId") and len(g) == 23 and rules.is_valid(g)
+    assert g == rules.propose("gmail", key="e:abc", native="x", uid=9, uidvalidity=9)
+    h = rules.propose("hash", key="e:abc", native="", uid=0, uidvalidity=0)
+    assert len(h) == 40 and rules.is_valid(h)
+
+
+@pytest.mark.parametrize("native", ["has space", "x" * 71, "", "caf\u00e9", "tab\tin"])
+def test_a_native_id_breaking_rfc1939_is_hashed(native: str) -> None:
+    out = rules.propose("native", key="k", native=native, uid=0, uidvalidity=0)
+    assert rules.is_valid(out)
+    assert out != native
+
+
+def test_collision_suffix_stays_within_70_chars() -> None:
+    long = "y" * 70
+    out = rules.unique(long, {long})
+    assert out.endswith("-2") and len(out) == 70
+
+
+def test_renumbered_upstream_keeps_uidls_by_fingerprint(store: UidlStore) -> None:
+    old = [Item(f"u:1:{i}", 100 + i, native=f"{i:08x}00000001", uid=i, uidvalidity=1) for i in range(1, 4)]
+    first = store.assign("mb", "a", old, "native").uidls
+    store.record_fingerprints("mb", [(f"u:1:{i}", f"h{i}", f"b{i}") for i in range(1, 4)])
+    new = [Item(f"u:2:{i}", 100 + i, native=f"{i:08x}00000002", uid=i, uidvalidity=2) for i in range(1, 5)]
+    plan = store.plan("mb", new)
+    assert set(plan.need_header) == {"u:2:1", "u:2:2", "u:2:3"}  # the 4th has a size no vanished row has
+    prints = {f"u:2:{i}": (f"h{i}", None) for i in range(1, 4)}
+    r = store.assign("mb", "a", new, "native", prints)
+    assert r.uidls[:3] == first
+    assert r.rematched == 3
+    assert r.new == 1 and r.uidls[3] == "0000000400000002"
+
+
+def test_a_different_message_of_the_same_size_never_takes_an_old_uidl(store: UidlStore) -> None:
+    store.assign("mb", "a", [Item("old", 50, native="OLD")], "native")
+    store.record_fingerprints("mb", [("old", "h-old", None)])
+    r = store.assign("mb", "a", [Item("new", 50, native="NEW")], "native", {"new": ("h-other", None)})
+    assert r.uidls == ("NEW",)
+    assert r.rematched == 0 and r.unmatched_vanished == 1
+
+
+def test_the_body_decides_when_headers_are_not_enough(store: UidlStore) -> None:
+    store.assign("mb", "a", items(("o1", 9), ("o2", 9)), "native")
+    store.record_fingerprints("mb", [("o1", "H", "B1"), ("o2", "H", "B2")])
+    new = items(("x", 9), ("y", 9))
+    assert set(store.need_body("mb", new, {"x": ("H", None), "y": ("H", None)})) == {"x", "y"}
+    r = store.assign("mb", "a", new, "native", {"x": ("H", "B2"), "y": ("H", "B1")})
+    assert r.uidls == ("n-o2", "n-o1")
+
+
+def test_deleted_rows_are_never_rematched(store: UidlStore) -> None:
+    store.assign("mb", "a", items(("o", 9)), "native")
+    store.record_fingerprints("mb", [("o", "H", "B")])
+    store.mark_deleted("mb", ["o"])
+    r = store.assign("mb", "a", items(("n", 9)), "native", {"n": ("H", "B")})
+    assert r.uidls == ("n-n",)
+
+
+def test_import_stores_old_uidls_and_order(store: UidlStore) -> None:
+    store.assign("mb", "a", items(("k1", 1)), "native")  # the gateway had already named k1
+    mapping = [(Item("k2", 2, native=""), "OLD-A", 1), (Item("k1", 1, native=""), "OLD-B", 2)]
+    store.import_uidls("mb", "a", mapping)
+    r = store.assign("mb", "a", items(("k1", 1), ("k2", 2), ("k3", 3)), "native")
+    assert r.uidls == ("OLD-B", "OLD-A", "n-k3")
+    assert r.order == (1, 0, 2)  # the old server's order first
+    # the gateway's own earlier UIDL for k1 stays reserved
+    r = store.assign("mb", "a", [Item("k9", 1, native="n-k1")], "native")
+    assert r.uidls == ("n-k1-2",)
+
+
+def test_import_refuses_an_old_uidl_held_by_another_message(store: UidlStore) -> None:
+    store.assign("mb", "a", items(("k1", 1)), "native")
+    with pytest.raises(ValueError, match="already given"):
+        store.import_uidls("mb", "a", [(Item("k2", 1, native=""), "n-k1", 1)])
+    assert [r.key for r in store.rows("mb")] == ["k1"]  # nothing written
+
+
+def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "u.db"
+    s = UidlStore(path)
+    assert s.schema_version() == SCHEMA_VERSION
+    s.close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        UidlStore(path)
+
+
+def test_wal_and_full_sync(store: UidlStore) -> None:
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_a_large_snapshot_is_one_transaction(store: UidlStore) -> None:
+    big = [Item(f"u:1:{i}", 1000, native=f"{i:08x}00000001") for i in range(1, 20_001)]
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    r = store.assign("mb", "a", big, "native")
+    store.db.set_trace_callback(None)
+    assert len(set(r.uidls)) == 20_000
+    assert sum(s.startswith("BEGIN") for s in statements) == 1
+    assert sum(s.startswith("COMMIT") for s in statements) == 1
+
+
+async def test_async_store_runs_on_a_worker_thread(tmp_path: Path) -> None:
+    s = AsyncUidlStore(tmp_path / "a.db")
+    ops: list[str] = []
+    s.operations = ops.append
+    await s.open()
+    r = await s.assign("mb", "a", items(("k", 1)), "native")
+    assert r.uidls == ("n-k",)
+    await s.aclose()
+    assert ops == ["open", "assign"]
+
+
+# ------------------------------------------------------------------ hypothesis
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sets(st.integers(0, 30), max_size=12),  # the keys present in this session
+            st.sets(st.integers(0, 30), max_size=4),  # keys deleted at its QUIT
+            st.sampled_from(["native", "dovecot", "hash", "gmail", "uidvalidity-uid"]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.sampled_from(["same", "n", "x" * 69, "bad id"]),
+)
+def test_every_uidl_is_valid_unique_and_never_changes(
+    tmp_path_factory: pytest.TempPathFactory, sessions: list[tuple[set[int], set[int], str]], native: str
+) -> None:
+    s = UidlStore(tmp_path_factory.mktemp("h") / "u.db")
+    given_to: dict[str, str] = {}  # uidl -> key
+    of_key: dict[str, str] = {}
+    deleted: set[int] = set()
+    for present, to_delete, fmt in sessions:
+        keys = sorted(present - deleted)
+        snapshot = [Item(f"k{k}", 10, native=f"{native}{k % 3}", uid=k + 1, uidvalidity=1) for k in keys]
+        r = s.assign("mb", "a", snapshot, fmt)
+        for item, u in zip(snapshot, r.uidls, strict=True):
+            assert rules.is_valid(u)
+            assert given_to.setdefault(u, item.key) == item.key  # never given to another message
+            assert of_key.setdefault(item.key, u) == u  # never changes
+        gone = [f"k{k}" for k in to_delete & set(keys)]
+        s.mark_deleted("mb", gone)
+        deleted |= to_delete & set(keys)
+    s.close()
