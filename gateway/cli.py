@@ -59,6 +59,43 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--users-file", metavar="FILE", help="the users file (default: STATE_DIR/users)")
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     add.add_argument("--apop", action="store_true", help="also store an APOP secret (asked the same way)")
+    uidl = sub.add_parser("uidl", help="inspect, export and import UIDLs", description="The UIDL store.")
+    uidl_sub = uidl.add_subparsers(dest="uidl_command", required=True, metavar="ACTION")
+    imp = uidl_sub.add_parser(
+        "import",
+        help="take the UIDLs and order of an old POP3 server",
+        description="Read UIDL, LIST and TOP n 0 from an old POP3 server, match its messages to the "
+        "upstream account's, and store the old UIDLs and order so clients download nothing again. "
+        "Passwords come from a prompt, stdin or a file; never from the command line.",
+    )
+    imp.add_argument("--account", required=True, help="the account on the upstream")
+    imp.add_argument(
+        "--from", dest="source", required=True, metavar="URL", help="pop3://user@host:port or pop3s://"
+    )
+    imp.add_argument("--starttls", action="store_true", help="use STLS on a pop3:// source")
+    imp.add_argument("--ca-file", help="CA file to verify the old server's certificate")
+    imp.add_argument("--insecure", action="store_true", help="do not verify the old server's certificate")
+    imp.add_argument("--password-file", help="file holding the old server's password")
+    imp.add_argument(
+        "--password-stdin", action="store_true", help="read the old server's password from stdin"
+    )
+    imp.add_argument(
+        "--upstream-password-file", help="file holding the upstream password (default: the same password)"
+    )
+    imp.add_argument("--dry-run", action="store_true", help="show the report, write nothing")
+    exp = uidl_sub.add_parser(
+        "export", help="write UIDLs as JSON or CSV", description="Export the UIDL store."
+    )
+    exp.add_argument("--account", help="only this account")
+    exp.add_argument("--format", choices=("json", "csv"), default="json")
+    show = uidl_sub.add_parser(
+        "show", help="print an account's UIDLs", description="Print an account's UIDLs."
+    )
+    show.add_argument("--account", required=True)
+    for p in (imp, exp, show):
+        p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+        p.add_argument("--state-dir", metavar="DIR", help="state directory holding uidl.sqlite3")
+        p.add_argument("--upstream", metavar="URL", help="the upstream (for import)")
     return parser
 
 
@@ -71,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(args.file)
         if args.command == "user":
             return _user_add(args)
+        if args.command == "uidl":
+            return _uidl(args)
     except cfg.ConfigError as exc:
         print(f"pop3-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -117,6 +156,115 @@ def _user_add(args: argparse.Namespace) -> int:
     accounts.add_user(users_file, args.name, password, apop)
     print(f"user {args.name} written to {users_file}")
     return 0
+
+
+def _uidl(args: argparse.Namespace) -> int:
+    from gateway.store import UidlStore
+
+    config = _load(args)
+    path = config.state_path / "uidl.sqlite3"
+    if args.uidl_command == "import":
+        return _uidl_import(args, config)
+    if not path.exists():
+        print(f"pop3-gateway: no UIDL store at {path}", file=sys.stderr)
+        return 1
+    store = UidlStore(path)
+    try:
+        boxes = store.mailboxes(args.account)
+        if args.uidl_command == "show":
+            if not boxes:
+                print(f"pop3-gateway: no UIDLs stored for {args.account!r}", file=sys.stderr)
+                return 1
+            for name, _ in boxes:
+                print(f"# {name}")
+                for row in store.rows(name):
+                    print(f"{row.uidl}\t{row.state}\t{row.size}\t{row.key}")
+            return 0
+        rows = [(name, account, r) for name, account in boxes for r in store.rows(name)]
+        if args.format == "json":
+            import json
+
+            out = [
+                {
+                    "mailbox": n,
+                    "account": a,
+                    "uidl": r.uidl,
+                    "key": r.key,
+                    "size": r.size,
+                    "state": r.state,
+                    "order": r.order_pos,
+                }
+                for n, a, r in rows
+            ]
+            json.dump(out, sys.stdout, indent=1)
+            print()
+        else:
+            import csv
+
+            w = csv.writer(sys.stdout)
+            w.writerow(["mailbox", "account", "uidl", "key", "size", "state", "order"])
+            for n, a, r in rows:
+                w.writerow([n, a, r.uidl, r.key, r.size, r.state, "" if r.order_pos is None else r.order_pos])
+        return 0
+    finally:
+        store.close()
+
+
+def _uidl_import(args: argparse.Namespace, config: cfg.Config) -> int:
+    import ssl
+
+    from gateway import migrate
+    from gateway.backends import make_backend
+    from gateway.store import UidlStore
+
+    try:
+        src = migrate.parse_source(args.source, starttls=args.starttls)
+    except ValueError as exc:
+        print(f"pop3-gateway: {exc}", file=sys.stderr)
+        return 2
+    if args.password_file:
+        password = Path(args.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    else:
+        password = _read_secret("Old server password: ", args.password_stdin)
+    upstream_password = (
+        Path(args.upstream_password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        if args.upstream_password_file
+        else password
+    )
+    ctx = ssl.create_default_context(cafile=args.ca_file) if (src.implicit_tls or src.starttls) else None
+    if ctx is not None and args.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    backend = make_backend(config)
+
+    async def run() -> tuple[list[migrate.OldMessage], str, list[migrate.NewMessage]]:
+        old = await trio.to_thread.run_sync(migrate.read_old_server, src, password, ctx)
+        try:
+            name, new = await migrate.read_upstream(backend, args.account, upstream_password)
+        finally:
+            await backend.aclose()
+        return old, name, new
+
+    try:
+        old, name, new = trio.run(run)
+    except Exception as exc:
+        print(f"pop3-gateway: import failed: {exc}", file=sys.stderr)
+        return 1
+    report = migrate.match(old, new)
+    print("\n".join(report.lines()))
+    if args.dry_run:
+        print("dry run: nothing written")
+        return 0
+    store = UidlStore(config.state_path / "uidl.sqlite3")
+    try:
+        written = migrate.write(store, name, args.account, report)
+    except ValueError as exc:
+        print(f"pop3-gateway: import refused, nothing written: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"imported {written} UIDLs into {config.state_path / 'uidl.sqlite3'}")
+    return 0 if not (report.unmatched_old or report.ambiguous) else 3
 
 
 def _read_secret(prompt: str, from_stdin: bool) -> str:
