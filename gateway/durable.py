@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, Sequence
 from gateway.backends.base import Entry, Maildrop, TempFailure
 from gateway.proto.body import BodyEncoder
 from gateway.proto.uidl import Fingerprinter
-from gateway.store import AsyncUidlStore, Item
+from gateway.store import Assignment, AsyncUidlStore, Item
 
 log = logging.getLogger("gateway.uidl")
 
@@ -95,16 +95,19 @@ async def attach(
     items = [Item(e.stable_key, e.size, e.uidl, e.uid, e.uidvalidity) for e in entries]
     by_key = {e.stable_key: i for i, e in enumerate(entries)}
     try:
-        plan = await store.plan(name, items)
-        prints: dict[str, tuple[str | None, str | None]] = {}
-        for key in plan.need_header:
-            prints[key] = await _fingerprint(drop, by_key[key], whole=False)
-        for key in await store.need_body(name, items, prints):
-            prints[key] = await _fingerprint(drop, by_key[key], whole=True)
-        result = await store.assign(name, account, items, fmt, prints)
+        first = await store.assign_or_plan(name, account, items, fmt)
+        if isinstance(first, Assignment):
+            result, renumbered = first, False
+        else:
+            prints: dict[str, tuple[str | None, str | None]] = {}
+            for key in first.need_header:
+                prints[key] = await _fingerprint(drop, by_key[key], whole=False)
+            for key in await store.need_body(name, items, prints):
+                prints[key] = await _fingerprint(drop, by_key[key], whole=True)
+            result, renumbered = await store.assign(name, account, items, fmt, prints), True
     except (sqlite3.Error, OSError) as exc:
         raise TempFailure(f"uidl store failure: {exc!r}") from exc
-    if plan.need_header or result.rematched:
+    if renumbered or result.rematched:
         log.warning(
             "upstream renumbered mailbox=%s matched=%d unmatched_new=%d unmatched_vanished=%d",
             name,

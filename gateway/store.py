@@ -228,7 +228,25 @@ class UidlStore:
         fingerprints: dict[str, tuple[str | None, str | None]] | None = None,
     ) -> Assignment:
         """Give every item its UIDL (existing, rematched or new) in one transaction."""
-        fingerprints = fingerprints or {}
+        result = self._assign(name, account, items, fmt, fingerprints or {}, plan_first=False)
+        assert isinstance(result, Assignment)
+        return result
+
+    def assign_or_plan(self, name: str, account: str, items: Sequence[Item], fmt: str) -> Assignment | Plan:
+        """``assign`` when no fingerprint is needed (the usual case: one pass over the rows), else the
+        ``Plan`` of the headers to read first (and nothing written)."""
+        return self._assign(name, account, items, fmt, {}, plan_first=True)
+
+    def _assign(
+        self,
+        name: str,
+        account: str,
+        items: Sequence[Item],
+        fmt: str,
+        fingerprints: dict[str, tuple[str | None, str | None]],
+        *,
+        plan_first: bool,
+    ) -> Assignment | Plan:
         with self._transaction():
             mailbox_id = self._mailbox(name, account)
             rows = self._rows(mailbox_id)
@@ -236,6 +254,12 @@ class UidlStore:
             present = {i.key for i in items}
             vanished = [r for r in rows.values() if r.state == "present" and r.key not in present]
             new_items = [i for i in items if i.key not in rows]
+            if plan_first and vanished and new_items:
+                sizes = {r.size for r in vanished if r.header_sha1 is not None}
+                need = tuple(i.key for i in new_items if i.size in sizes)
+                if need:
+                    self.db.execute("SELECT 1")  # nothing written: the transaction commits empty
+                    return Plan(tuple(i.key for i in new_items), need)
             rematched = self._rematch(mailbox_id, rows, vanished, new_items, fingerprints)
             now = time.time()
             inserts = []
@@ -440,6 +464,11 @@ class AsyncUidlStore:
         self, name: str, items: Sequence[Item], prints: dict[str, tuple[str | None, str | None]]
     ) -> list[str]:
         return await self._run(lambda: self._s().need_body(name, items, prints), op="plan")
+
+    async def assign_or_plan(
+        self, name: str, account: str, items: Sequence[Item], fmt: str
+    ) -> Assignment | Plan:
+        return await self._run(lambda: self._s().assign_or_plan(name, account, items, fmt), op="assign")
 
     async def assign(self, *args: Any, **kwargs: Any) -> Assignment:
         return await self._run(lambda: self._s().assign(*args, **kwargs), op="assign")

@@ -214,3 +214,16 @@ def test_every_uidl_is_valid_unique_and_never_changes(
         s.mark_deleted("mb", gone)
         deleted |= to_delete & set(keys)
     s.close()
+
+
+def test_assign_or_plan_assigns_in_one_pass_or_asks_for_headers_first(store: UidlStore) -> None:
+    from gateway.store import Assignment, Plan
+
+    first = store.assign_or_plan("mb", "a", items(("a", 5), ("b", 6)), "native")
+    assert isinstance(first, Assignment) and first.uidls == ("n-a", "n-b")
+    store.record_fingerprints("mb", [("a", "H", None)])
+    plan = store.assign_or_plan("mb", "a", items(("b", 6), ("a2", 5)), "native")
+    assert isinstance(plan, Plan) and plan.need_header == ("a2",)
+    assert [r.key for r in store.rows("mb")] == ["a", "b"]  # nothing written
+    r = store.assign("mb", "a", items(("b", 6), ("a2", 5)), "native", {"a2": ("H", None)})
+    assert r.uidls == ("n-b", "n-a")
