@@ -100,8 +100,13 @@ async def attach(
             result, renumbered = first, False
         else:
             prints: dict[str, tuple[str | None, str | None]] = {}
-            for key in first.need_header:
-                prints[key] = await _fingerprint(drop, by_key[key], whole=False)
+            batch = getattr(drop, "header_hashes", None)
+            if batch is not None:  # one round trip for all of them (IMAP)
+                hashes = await batch([by_key[k] for k in first.need_header])
+                prints.update({entries[i].stable_key: (h, None) for i, h in hashes.items()})
+            else:
+                for key in first.need_header:
+                    prints[key] = await _fingerprint(drop, by_key[key], whole=False)
             for key in await store.need_body(name, items, prints):
                 prints[key] = await _fingerprint(drop, by_key[key], whole=True)
             result, renumbered = await store.assign(name, account, items, fmt, prints), True

@@ -225,3 +225,39 @@ def test_sigkill_mid_session_changes_no_uidl_and_deletes_nothing(
     m = dovecot.mailbox_status(mail_user.name)
     assert m["messages"] == 25  # the marked deletions died with the session
     assert uids
+
+
+async def test_renumbering_reads_all_headers_in_one_round_trip(
+    nursery: trio.Nursery, dovecot: Dovecot, mail_user: MailUser, tmp_path: Path
+) -> None:
+    from tests.tcpproxy import RecordingProxy
+
+    dovecot.append(mail_user.name, mail_user.password, corpus.sized_messages(40, 1200))
+    proxy = RecordingProxy(dovecot.host, dovecot.imap_port)
+    port = await nursery.start(proxy.serve)
+    store = AsyncUidlStore(tmp_path / "uidl.sqlite3")
+    await store.open()
+    cfg = Config(listen=(ListenConfig("127.0.0.1:0"),))
+    server = Server(cfg, ImapBackend(ImapSettings(dovecot.host, port, "none")), store=store)
+    [bound] = await nursery.start(server.serve)
+
+    def read_all() -> list[bytes]:
+        p = poplib.POP3(bound.host, bound.port, timeout=30)
+        p.user(mail_user.name)
+        p.pass_(mail_user.password)
+        for n in range(1, 41):
+            p.retr(n)
+        lines = list(p.uidl()[1])
+        p.quit()
+        return lines
+
+    before = await trio.to_thread.run_sync(read_all)
+    dovecot.set_uidvalidity(mail_user.name, dovecot.mailbox_status(mail_user.name)["uidvalidity"] + 77)
+    after = await trio.to_thread.run_sync(uidl_list, bound, mail_user)
+    assert after == before
+    wire = proxy.client_bytes[-1]
+    assert wire.count(b"BODY.PEEK[HEADER]") == 1
+    assert wire.count(b"UID FETCH") == 2  # the snapshot and the one header fetch
+    server.drain()
+    await trio.sleep(0.05)
+    await store.aclose()

@@ -43,6 +43,7 @@ from gateway.backends.base import (
     TempFailure,
 )
 from gateway.proto import imap
+from gateway.proto import uidl as rules
 
 log = logging.getLogger("gateway.imap")
 
@@ -283,6 +284,45 @@ class ImapConnection:
                     case _:
                         pass
 
+    async def fetch_header_hashes(self, uids: Sequence[int]) -> dict[int, str]:
+        """One ``UID FETCH set (BODY.PEEK[HEADER])``: each header block hashed as it completes (only the
+        hashes are kept, so memory stays small for any number of messages)."""
+        hashes: dict[int, str] = {}
+        if not uids:
+            return hashes
+        async with self._exchange():
+            await self._drain_unfinished()
+            tag, data = self.client.send_command(
+                "UID FETCH", imap.sequence_set(uids), imap.Raw("(UID BODY.PEEK[HEADER])")
+            )
+            await self.stream.send_all(data)
+            block = bytearray()
+            pending: str | None = None
+            while True:
+                event = await self._event()
+                match event:
+                    case imap.FetchBodyStart():
+                        block.clear()
+                    case imap.FetchBodyChunk(chunk):
+                        if len(block) <= rules.MAX_HEADER_BLOCK:
+                            block += chunk
+                    case imap.FetchBodyEnd():
+                        pending = (
+                            rules.header_hash(bytes(block)) if len(block) <= rules.MAX_HEADER_BLOCK else None
+                        )
+                    case imap.Fetch():
+                        if event.uid is not None and pending is not None:
+                            hashes[event.uid] = pending
+                        pending = None
+                    case imap.Tagged() if event.tag == tag:
+                        if event.condition is not imap.Condition.OK:
+                            raise TempFailure(f"header fetch failed: {event.text}")
+                        return hashes
+                    case imap.UntaggedStatus() if event.condition is imap.Condition.BYE:
+                        raise _Broken(f"upstream said BYE: {event.text}")
+                    case _:
+                        pass
+
 
 class ImapMaildrop:
     def __init__(
@@ -338,6 +378,12 @@ class ImapMaildrop:
                 return
             start += got
             length = min(length * 4, TOP_MAX_RANGE)
+
+    async def header_hashes(self, indexes: Sequence[int]) -> dict[int, str]:
+        """Header SHA-1 of many messages in one round trip (for matching a renumbered mailbox)."""
+        by_uid = {self._uids[i]: i for i in indexes}
+        hashes = await self.conn.fetch_header_hashes(list(by_uid))
+        return {by_uid[uid]: h for uid, h in hashes.items() if uid in by_uid}
 
     async def apply_deletions(self, indexes: Sequence[int]) -> None:
         if not indexes:
