@@ -53,6 +53,9 @@ async def test_snapshot_round_trips_do_not_grow_with_the_mailbox(
     dovecot.append(mail_user.name, mail_user.password, corpus.sized_messages(300, 500))
     count = await in_thread(lambda: pop3_session(bound.host, bound.port, mail_user, lambda p: p.stat()[0]))  # type: ignore[attr-defined]
     assert count == 303
+    with trio.fail_after(5):  # the upstream LOGOUT is sent after the client's QUIT was answered
+        while not all(commands(c)[-1:] == [b"LOGOUT"] for c in proxy.client_bytes):
+            await trio.sleep(0.01)
     small, large = commands(proxy.client_bytes[0]), commands(proxy.client_bytes[1])
     assert small == large
     assert small.count(b"UID FETCH") == 1
