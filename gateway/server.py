@@ -313,7 +313,6 @@ class _Session:
                         await self.flush()
                         drop = await self._authenticate(login, stack)
                     case pop3.Fetch():
-                        await self.flush()
                         assert drop is not None
                         await self._fetch(event, drop)
                     case pop3.StartTls(reply):

@@ -47,7 +47,12 @@ from gateway.proto import uidl as rules
 
 log = logging.getLogger("gateway.imap")
 
-READ_SIZE = 65536
+READ_SIZE = 256 * 1024
+CHUNK = 64 * 1024
+PREFETCH_MAX_MESSAGE = 256 * 1024
+PREFETCH_BUDGET = 2 * 1024 * 1024
+PREFETCH_FIRST_WINDOW = 8
+PREFETCH_MAX_COUNT = 128
 TOP_FIRST_RANGE = 64 * 1024
 TOP_MAX_RANGE = 4 * 1024 * 1024
 LOGOUT_SECONDS = 2.0
@@ -284,6 +289,41 @@ class ImapConnection:
                     case _:
                         pass
 
+    async def fetch_small_bodies(self, uids: Sequence[int], max_each: int) -> dict[int, bytes]:
+        """One ``UID FETCH set (UID BODY.PEEK[])`` for small messages, kept whole (each at most
+        ``max_each`` octets: a bigger literal is dropped and fetched again the streaming way)."""
+        bodies: dict[int, bytes] = {}
+        async with self._exchange():
+            await self._drain_unfinished()
+            tag, data = self.client.send_command(
+                "UID FETCH", imap.sequence_set(uids), imap.Raw("(UID BODY.PEEK[])")
+            )
+            await self.stream.send_all(data)
+            block = bytearray()
+            pending: bytes | None = None
+            while True:
+                event = await self._event()
+                match event:
+                    case imap.FetchBodyStart():
+                        block.clear()
+                        pending = None
+                    case imap.FetchBodyChunk(chunk):
+                        if len(block) <= max_each:
+                            block += chunk
+                    case imap.FetchBodyEnd():
+                        pending = bytes(block) if len(block) <= max_each else None
+                        block.clear()
+                    case imap.Fetch():
+                        if event.uid is not None and pending is not None:
+                            bodies[event.uid] = pending
+                        pending = None
+                    case imap.Tagged() if event.tag == tag:
+                        return bodies  # a NO just means fewer bodies: the caller fetches the rest itself
+                    case imap.UntaggedStatus() if event.condition is imap.Condition.BYE:
+                        raise _Broken(f"upstream said BYE: {event.text}")
+                    case _:
+                        pass
+
     async def fetch_header_hashes(self, uids: Sequence[int]) -> dict[int, str]:
         """One ``UID FETCH set (BODY.PEEK[HEADER])``: each header block hashed as it completes (only the
         hashes are kept, so memory stays small for any number of messages)."""
@@ -340,6 +380,34 @@ class ImapMaildrop:
         self._uids = uids
         self._fixes = fixes  # the backend's size corrections, shared by all sessions
         self._fix_key = fix_key
+        # Read-ahead of small messages: clients fetch 1..n in order, and one UID FETCH for many small
+        # messages saves a round trip each. Bounded in count and octets; never with mark_seen (BODY[]
+        # would flag messages the client has not retrieved).
+        self._ahead: dict[int, bytes] = {}
+        self._window = PREFETCH_FIRST_WINDOW
+
+    async def _small_body(self, index: int) -> bytes | None:
+        if self.settings.mark_seen or self._entries[index].size > PREFETCH_MAX_MESSAGE:
+            return None
+        body = self._ahead.pop(index, None)
+        if body is not None:
+            self._window = min(self._window * 2, PREFETCH_MAX_COUNT)
+            return body
+        self._ahead.clear()
+        batch = [index]
+        budget = PREFETCH_BUDGET - self._entries[index].size
+        for j in range(index + 1, len(self._entries)):
+            size = self._entries[j].size
+            if len(batch) >= self._window or size > PREFETCH_MAX_MESSAGE or size > budget:
+                break
+            batch.append(j)
+            budget -= size
+        by_uid = {self._uids[i]: i for i in batch}
+        bodies = await self.conn.fetch_small_bodies(list(by_uid), PREFETCH_MAX_MESSAGE)
+        for uid, raw in bodies.items():
+            if uid in by_uid:
+                self._ahead[by_uid[uid]] = raw
+        return self._ahead.pop(index, None)
 
     def note_size(self, index: int, octets: int) -> None:
         """Remember the size RETR really sent, so later snapshots list it (RFC822.SIZE was wrong)."""
@@ -352,6 +420,18 @@ class ImapMaildrop:
 
     async def stream(self, index: int, *, top_lines: int | None = None) -> AsyncGenerator[bytes, None]:
         uid = self._uids[index]
+        small = await self._small_body(index)
+        if small is not None:
+            if top_lines is None and len(small) != self._entries[index].size:
+                exc = SizeChanged(
+                    f"UID {uid}: listed {self._entries[index].size}, upstream sends {len(small)}", len(small)
+                )
+                log.warning("size mismatch upstream: %s; later sessions list the true size", exc)
+                self.note_size(index, exc.actual)
+                raise exc
+            for i in range(0, len(small), CHUNK):
+                yield small[i : i + CHUNK]
+            return
         if top_lines is None:
             section = "BODY[]" if self.settings.mark_seen else "BODY.PEEK[]"
             expected = self._entries[index].size

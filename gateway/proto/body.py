@@ -69,7 +69,7 @@ class BodyEncoder:
         self.octets += len(data)
         if self._sink is not None:
             self._sink(data)
-        out = data.replace(b"\n.", b"\n..")
+        out = data.replace(b"\n.", b"\n..") if b"\n." in data else data
         if self._at_line_start and data[:1] == b".":
             out = b"." + out
         self._at_line_start = data[-1:] == b"\n"
