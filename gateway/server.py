@@ -426,7 +426,12 @@ class _Session:
                         chunk = await _first(chunks)
                     if chunk is None:
                         break
-                    self.out += encoder.feed(chunk)
+                    data = encoder.feed(chunk)
+                    if len(data) >= WRITE_BATCH:  # big pieces go out as they are, without another copy
+                        await self.flush()
+                        await self._send(data)
+                    else:
+                        self.out += data
             except (BackendError, trio.TooSlowError) as exc:
                 # The status line may be out already: the only honest thing left is to drop the connection,
                 # so the client never sees a truncated message that ends like a complete one.

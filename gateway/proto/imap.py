@@ -681,11 +681,14 @@ class ResponseParser:
         self._literal = bytearray()
         self._remaining = 0  # bytes still to come of the current literal
         self._body_size = 0
+        # Body bytes received while the buffer was empty, passed on as they are: a streamed message body
+        # is then not copied into and out of the buffer.
+        self._direct = b""
 
     @property
     def buffered(self) -> int:
         """How many received bytes are not yet consumed."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + len(self._direct)
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the server; ``b""`` means it closed the connection."""
@@ -696,6 +699,12 @@ class ResponseParser:
         if not data:
             self._eof = True
             return
+        if self._read is _Read.BODY and not self._direct and self._pos == len(self._buf) and self._remaining:
+            take = min(self._remaining, len(data))
+            self._direct = data[:take] if take < len(data) else data
+            data = data[take:]
+            if not data:
+                return
         if self._pos:
             del self._buf[: self._pos]
             self._scan -= self._pos
@@ -777,6 +786,10 @@ class ResponseParser:
             self._read = _Read.LINE
             self._scan = self._pos
             return FetchBodyEnd()
+        if self._direct:
+            chunk, self._direct = self._direct, b""
+            self._remaining -= len(chunk)
+            return FetchBodyChunk(chunk)
         take = min(self._remaining, self.buffered)
         if not take:
             return self._starved()

@@ -41,6 +41,7 @@ VOLATILE_HEADERS: Final = frozenset(
     )
 )
 MAX_HEADER_BLOCK: Final = 1024 * 1024
+MAX_HASHED_BODY: Final = 1024 * 1024
 
 
 def is_valid(uidl: str) -> bool:
@@ -102,7 +103,7 @@ def header_hash(header_block: bytes) -> str:
 class Fingerprinter:
     """Fed the CRLF-normalised message as the client receives it; yields header and body hashes."""
 
-    __slots__ = ("_at_line_start", "_body", "_header", "_in_header", "_overflow")
+    __slots__ = ("_at_line_start", "_body", "_body_seen", "_header", "_in_header", "_overflow")
 
     def __init__(self) -> None:
         self._header = bytearray()
@@ -110,16 +111,20 @@ class Fingerprinter:
         self._at_line_start = True
         self._body = hashlib.sha1(usedforsecurity=False)
         self._overflow = False
+        self._body_seen = 0
 
     def feed(self, data: bytes) -> None:
         if not self._in_header:
-            self._body.update(data)
+            if self._body_seen <= MAX_HASHED_BODY:
+                self._body_seen += len(data)
+                self._body.update(data)
             return
         start = len(self._header)
         self._header += data
         end = self._find_header_end(start)
         if end is not None:
             self._in_header = False
+            self._body_seen = len(self._header) - end
             self._body.update(self._header[end:])
             del self._header[end:]
         elif len(self._header) > MAX_HEADER_BLOCK:
@@ -146,7 +151,9 @@ class Fingerprinter:
         return header_hash(bytes(self._header))
 
     def body_sha1(self) -> str | None:
-        if self._overflow or self._in_header:
+        """None also for bodies over MAX_HASHED_BODY: the body hash only breaks ties between messages of
+        the same size and headers, and hashing 50 MB on every RETR would cost more than it is worth."""
+        if self._overflow or self._in_header or self._body_seen > MAX_HASHED_BODY:
             return None
         return self._body.hexdigest()
 
