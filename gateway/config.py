@@ -71,6 +71,7 @@ class UpstreamConfig:
     delete_policy: str = "expunge"
     mark_seen: bool = False
     uidl_format: str = "native"  # native, dovecot, uidvalidity-uid, gmail, hash (for new messages)
+    token: str = dataclasses.field(default="", repr=False)  # jmap: a bearer token instead of Basic
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@
 # when pyproject.toml is newer than the stamp, so a second run costs well under a second.
 #
 # Never install `cyrus-imapd` here: it conflicts with `dovecot-imapd` (both provide imap-server) and apt
-# silently removes whichever came first. Cyrus's imapd is unpacked privately when it is needed.
+# silently removes whichever came first. Cyrus's imapd is unpacked privately instead (below).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -50,6 +50,31 @@ if ! getent passwd vmail >/dev/null; then
         useradd --system --user-group --no-create-home --shell /usr/sbin/nologin vmail
     else
         echo "setup-deps: not root; system user 'vmail' is missing" >&2
+    fi
+fi
+
+# Cyrus's imapd (the test Cyrus creates mailboxes over IMAP), unpacked privately: the cyrus-imapd package
+# must never be installed (see above). Same version as cyrus-common; redone only when that changes.
+# tests/realservers/cyrus.py runs it from here ($POP3GW_CYRUS_IMAPD overrides the path).
+cyrus_dir=/opt/pop3-gateway/cyrus-imapd
+cyrus_version=$(dpkg-query -W -f='${Version}' cyrus-common 2>/dev/null || true)
+if [[ -n "$cyrus_version" && "$(cat "$cyrus_dir/.version" 2>/dev/null || true)" != "$cyrus_version" ]]; then
+    if [[ $EUID -eq 0 ]]; then
+        deb_dir=$(mktemp -d)
+        download() { (cd "$deb_dir" && apt-get download -q "cyrus-imapd=$cyrus_version") >"$deb_dir/log" 2>&1; }
+        if ! download && ! { apt-get update -q >/dev/null 2>&1 && download; }; then
+            cat "$deb_dir/log" >&2
+            rm -rf "$deb_dir"
+            echo "setup-deps: apt-get download cyrus-imapd=$cyrus_version failed" >&2
+            exit 1
+        fi
+        rm -rf "$cyrus_dir"
+        mkdir -p "$cyrus_dir"
+        dpkg-deb -x "$deb_dir"/cyrus-imapd_*.deb "$cyrus_dir"
+        echo "$cyrus_version" >"$cyrus_dir/.version"
+        rm -rf "$deb_dir"
+    else
+        echo "setup-deps: not root; Cyrus imapd is not unpacked in $cyrus_dir" >&2
     fi
 fi
 

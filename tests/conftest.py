@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.realservers.cyrus import Cyrus, start_cyrus
 from tests.realservers.dovecot import Dovecot, MailUser, start_dovecot
 
 _user_numbers = itertools.count(1)
@@ -45,3 +46,21 @@ def mail_user(dovecot: Dovecot, request: pytest.FixtureRequest) -> MailUser:
     user = MailUser(f"u{next(_user_numbers)}-{slug}", secrets.token_hex(8))
     dovecot.add_user(user.name, user.password)
     return user
+
+
+@pytest.fixture(scope="session")
+def cyrus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cyrus]:
+    """A private Cyrus 3.6 (JMAP over HTTP, IMAP for filling mailboxes) on free loopback ports, started once
+    per session. Fails (never skips) when Cyrus or its privately unpacked imapd is missing (`make deps`).
+    It lives in /tmp/pop3gw-cyrus-* (its processes run as `cyrus`); what it sent to syslog is copied to the
+    session's basetemp (cyrus-syslog.log) at the end."""
+    root = Path(tempfile.mkdtemp(prefix="pop3gw-cyrus-"))
+    try:
+        server = start_cyrus(root)
+        try:
+            yield server
+        finally:
+            server.stop()
+            (tmp_path_factory.getbasetemp() / "cyrus-syslog.log").write_text(server.log_text())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

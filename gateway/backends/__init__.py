@@ -48,4 +48,23 @@ def make_backend(config: Config) -> Backend:
             return ImapBackend(settings)
         except (ValueError, OSError) as exc:
             raise ConfigError(str(exc), key="upstream.url") from None
+    if scheme in ("jmap+http", "jmap+https"):
+        from gateway.backends.jmap import JmapBackend, JmapSettings
+
+        up = config.upstream
+        try:
+            jmap_settings = JmapSettings.from_url(
+                url,
+                folder=up.folder,
+                ca_file=up.ca_file,
+                insecure=up.insecure,
+                delete_policy=up.delete_policy,
+                mark_seen=up.mark_seen,
+                token=up.token,
+                users_file=str(users_file) if up.token else "",
+                timeout=config.server.upstream_timeout,
+            )
+            return JmapBackend(jmap_settings)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(str(exc), key="upstream.url") from None
     raise ConfigError(f"the {scheme}:// upstream is not available in this version", key="upstream.url")
