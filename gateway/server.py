@@ -118,6 +118,19 @@ class Server:
         self._accept_scope.cancel()
 
     async def serve(self, *, task_status: trio.TaskStatus[list[Bound]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until drained. A UIDL store given unopened is opened here and closed at the end."""
+        own_store = self.store is not None and not self.store.is_open
+        if own_store:
+            assert self.store is not None
+            await self.store.open()
+        try:
+            await self._serve(task_status)
+        finally:
+            if own_store and self.store is not None:
+                with trio.CancelScope(shield=True):
+                    await self.store.aclose()
+
+    async def _serve(self, task_status: trio.TaskStatus[list[Bound]]) -> None:
         listeners: list[tuple[ListenConfig, int, trio.SocketListener]] = []
         try:
             for i, lc in enumerate(self.config.listen):

@@ -20,6 +20,7 @@ from gateway.backends.imap import ImapBackend, ImapSettings
 from gateway.backends.maildir import MaildirBackend
 from gateway.config import Config, ListenConfig, ServerConfig
 from gateway.server import Bound, Server
+from gateway.store import AsyncUidlStore
 from tests.realservers import corpus
 from tests.realservers.clients import (
     ClientError,
@@ -111,7 +112,7 @@ async def target(
             ListenConfig("127.0.0.1:0", "implicit", str(cert), str(key)),
         ),
     )
-    server = Server(cfg, backend)
+    server = Server(cfg, backend, store=AsyncUidlStore(tmp_path / "uidl.sqlite3"))  # as `serve` runs
     plain, stls, pop3s = await nursery.start(server.serve)
     yield Target(plain, stls, pop3s, user, password, ca_file, add)
     server.drain()

@@ -6,7 +6,9 @@ import dataclasses
 import imaplib
 import poplib
 import re
+import tempfile
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ import trio
 from gateway.backends.imap import ImapBackend, ImapSettings
 from gateway.config import Config, ListenConfig, ServerConfig
 from gateway.server import Bound, Server
+from gateway.store import AsyncUidlStore
 from tests.realservers import corpus
 from tests.realservers.dovecot import Dovecot, MailUser
 from tests.tcpproxy import RecordingProxy
@@ -30,7 +33,9 @@ def make_server(dovecot: Dovecot, *, tls: str = "none", port: int | None = None,
         server=dataclasses.replace(ServerConfig(), upstream_timeout=10.0),
         listen=(ListenConfig("127.0.0.1:0"),),
     )
-    return Server(cfg, ImapBackend(settings))
+    # with the durable UIDL store, as `pop3-gateway serve` runs (opened and closed by serve())
+    store = AsyncUidlStore(Path(tempfile.mkdtemp(prefix="pop3gw-store-")) / "uidl.sqlite3")
+    return Server(cfg, ImapBackend(settings), store=store)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import trio
 from gateway.backends.jmap import JmapBackend, JmapSettings
 from gateway.config import Config, ListenConfig, ServerConfig
 from gateway.server import Bound, Server
+from gateway.store import AsyncUidlStore
 from tests.realservers import corpus
 from tests.realservers.clients import (
     curl_pop3,
@@ -61,17 +62,24 @@ class Gateway:
 
 
 @pytest.fixture
-async def start_gateway(nursery: trio.Nursery, cyrus: Cyrus) -> AsyncIterator[Callable[..., Any]]:
-    """Start gateways onto the test Cyrus (or `url`); each is drained and its backend closed at the end."""
+async def start_gateway(
+    nursery: trio.Nursery, cyrus: Cyrus, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start gateways onto the test Cyrus (or `url`), with the durable UIDL store as `serve` has it;
+    each is drained and its backend and store closed at the end."""
     started: list[Gateway] = []
+    stores: list[AsyncUidlStore] = []
 
-    async def start(url: str | None = None, **settings: Any) -> Gateway:
+    async def start(url: str | None = None, *, store_dir: Path | None = None, **settings: Any) -> Gateway:
         backend = JmapBackend(JmapSettings.from_url(url or cyrus.jmap_url, timeout=10.0, **settings))
         cfg = Config(
             server=dataclasses.replace(ServerConfig(), upstream_timeout=10.0),
             listen=(ListenConfig("127.0.0.1:0"),),
         )
-        server = Server(cfg, backend)
+        store = AsyncUidlStore((store_dir or tmp_path_factory.mktemp("store")) / "uidl.sqlite3")
+        await store.open()
+        stores.append(store)
+        server = Server(cfg, backend, store=store)
         [bound] = await nursery.start(server.serve)
         gateway = Gateway(server, backend, bound)
         started.append(gateway)
@@ -85,6 +93,8 @@ async def start_gateway(nursery: trio.Nursery, cyrus: Cyrus) -> AsyncIterator[Ca
             while gateway.server.active_sessions:
                 await trio.sleep(0.01)
             await gateway.backend.aclose()
+        for store in stores:
+            await store.aclose()
 
 
 @pytest.fixture
@@ -530,3 +540,21 @@ async def test_curl_list_retr_uidl_top(gateway: Gateway, cyrus: Cyrus, user: Mai
     assert out["retr"] == [corpus.pop3_view(m) for m in messages]
     assert [line.split()[1] for line in out["uidl"].decode().split("\r\n")[:-1]] == email_ids(cyrus, user)
     assert out["top"] == messages[1][: messages[1].index(b"\r\n\r\n") + 4]
+
+
+async def test_uidls_survive_a_gateway_restart_and_are_never_reused(
+    start_gateway: Callable[..., Any], cyrus: Cyrus, user: MailUser, tmp_path: Path
+) -> None:
+    cyrus.append(user.name, user.password, corpus.sized_messages(3, 1200, tag="durable"))
+    first: Gateway = await start_gateway(store_dir=tmp_path)
+
+    def uidls(gw: Gateway) -> list[bytes]:
+        return list(pop3_session(gw, user, lambda p: p.uidl()[1]))
+
+    before = await in_thread(lambda: uidls(first))
+    assert [line.split()[1].decode() for line in before] == email_ids(cyrus, user)  # keyed by the Email id
+    await in_thread(lambda: pop3_session(first, user, lambda p: p.dele(2)))
+    first.server.drain()
+    second: Gateway = await start_gateway(store_dir=tmp_path)
+    after = await in_thread(lambda: uidls(second))
+    assert [line.split()[1] for line in after] == [before[0].split()[1], before[2].split()[1]]
