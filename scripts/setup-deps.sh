@@ -16,6 +16,7 @@ packages=(
     python3-venv
     dovecot-core dovecot-imapd dovecot-pop3d
     fetchmail mpop getmail6 curl
+    systemd
     cyrus-common cyrus-caldav sasl2-bin libsasl2-modules
 )
 

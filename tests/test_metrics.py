@@ -1,0 +1,134 @@
+"""The metrics registry: every series the operations doc names, in Prometheus and OpenMetrics text."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import __version__
+from gateway.limits import Limit
+from gateway.metrics import ERROR_KINDS, LOGIN_RESULTS, VERBS, Metrics
+
+
+def families(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:
+    body, _ = metrics.render()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def test_every_documented_series_is_exposed_from_the_start() -> None:
+    found = families(Metrics())
+    for name in (
+        "pop3_gateway_sessions_active",
+        "pop3_gateway_sessions_total",
+        "pop3_gateway_sessions_refused_total",
+        "pop3_gateway_logins_total",
+        "pop3_gateway_commands_total",
+        "pop3_gateway_sent_bytes_total",
+        "pop3_gateway_uidl_store_operations_total",
+        "pop3_gateway_errors_total",
+        "pop3_gateway_build_info",
+        "process_open_fds",
+    ):
+        assert name in found, name
+    assert {labels["result"] for labels, _ in found["pop3_gateway_logins_total"]} == set(LOGIN_RESULTS)
+    assert {labels["verb"] for labels, _ in found["pop3_gateway_commands_total"]} == set(VERBS)
+    assert {labels["kind"] for labels, _ in found["pop3_gateway_errors_total"]} == set(ERROR_KINDS)
+    assert {labels["limit"] for labels, _ in found["pop3_gateway_sessions_refused_total"]} == {
+        "total",
+        "per-ip",
+        "per-account",
+    }
+    assert found["pop3_gateway_build_info"] == [({"version": __version__}, 1.0)]
+    assert all(v == 0 for _, v in found["pop3_gateway_logins_total"])
+
+
+def test_sessions_active_and_total() -> None:
+    m = Metrics(process=False)
+    m.session_started()
+    m.session_started()
+    m.session_ended()
+    assert m.sample("pop3_gateway_sessions_active") == 1
+    assert m.sample("pop3_gateway_sessions_total") == 2
+    m.session_refused(Limit.PER_IP)
+    assert m.sample("pop3_gateway_sessions_refused_total", limit="per-ip") == 1
+    assert m.sample("pop3_gateway_sessions_total") == 2
+
+
+def test_logins_commands_octets_store_and_errors() -> None:
+    m = Metrics(process=False)
+    m.login("ok")
+    m.login("auth")
+    m.login("auth")
+    m.command("retr")
+    m.command(b"RETR")
+    m.command("XYZZY")  # a client cannot create series
+    m.command(b"\xff\xfe")
+    m.sent(100)
+    m.sent(23)
+    m.uidl_store("read")
+    m.error("upstream-timeout")
+    assert m.sample("pop3_gateway_logins_total", result="auth") == 2
+    assert m.sample("pop3_gateway_logins_total", result="ok") == 1
+    assert m.sample("pop3_gateway_commands_total", verb="RETR") == 2
+    assert m.sample("pop3_gateway_commands_total", verb="OTHER") == 2
+    assert m.sample("pop3_gateway_commands_total", verb="XYZZY") is None
+    assert m.sample("pop3_gateway_sent_bytes_total") == 123
+    assert m.sample("pop3_gateway_uidl_store_operations_total", op="read") == 1
+    assert m.sample("pop3_gateway_errors_total", kind="upstream-timeout") == 1
+
+
+def test_label_values_outside_the_closed_sets_are_refused() -> None:
+    m = Metrics(process=False)
+    with pytest.raises(ValueError):
+        m.login("maybe")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        m.error("oops")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        m.uidl_store("drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        m.observe_upstream("pop3", "open", 1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        m.observe_upstream("imap", "sleep", 1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        m.sent(-1)
+
+
+def test_upstream_latency_histogram_by_backend_and_op() -> None:
+    now = [0.0]
+    m = Metrics(clock=lambda: now[0], process=False)
+    with m.time_upstream("imap", "open"):
+        now[0] += 0.2
+    with pytest.raises(RuntimeError), m.time_upstream("imap", "open"):
+        now[0] += 40.0
+        raise RuntimeError("a failing call is timed too")
+    m.observe_upstream("maildir", "fetch", 0.003)
+    assert m.sample("pop3_gateway_upstream_duration_seconds_count", backend="imap", op="open") == 2
+    assert m.sample("pop3_gateway_upstream_duration_seconds_sum", backend="imap", op="open") == pytest.approx(
+        40.2
+    )
+    bucket = "pop3_gateway_upstream_duration_seconds_bucket"
+    assert m.sample(bucket, backend="imap", op="open", le="0.25") == 1
+    assert m.sample(bucket, backend="imap", op="open", le="60.0") == 2
+    assert m.sample(bucket, backend="maildir", op="fetch", le="0.005") == 1
+
+
+def test_render_speaks_prometheus_text_and_openmetrics_on_request() -> None:
+    m = Metrics(process=False)
+    m.login("ok")
+    body, content_type = m.render()
+    assert content_type.startswith("text/plain")
+    assert b'pop3_gateway_logins_total{result="ok"} 1.0' in body
+    body, content_type = m.render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+
+
+def test_each_instance_has_its_own_registry() -> None:
+    a, b = Metrics(process=False), Metrics(process=False)
+    a.login("ok")
+    assert b.sample("pop3_gateway_logins_total", result="ok") == 0
+    assert a.registry is not b.registry
