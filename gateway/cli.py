@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import trio
 
@@ -295,38 +297,64 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"pop3-gateway: cannot load TLS certificates: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(_serve_until_signal, server, demo)
+        trio.run(_serve_until_signal, server, demo, lambda: _load(args))
     except OSError as exc:
         print(f"pop3-gateway: cannot listen: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve_until_signal(server: object, demo: tuple[str, str] | None) -> None:
+async def _serve_until_signal(
+    server: object, demo: tuple[str, str] | None, reload_config: Callable[[], cfg.Config]
+) -> None:
     from gateway.server import Server
-
-    assert isinstance(server, Server)
     from gateway.store import AsyncUidlStore
 
+    assert isinstance(server, Server)
     store = AsyncUidlStore(server.config.state_path / "uidl.sqlite3")
+    store.operations = lambda op: server.metrics.uidl_store(_STORE_OPS.get(op, "write"))
     await store.open()
     server.store = store
     try:
-        await _serve_signals(server, demo)
+        await _serve_signals(server, demo, reload_config)
     finally:
         with trio.CancelScope(shield=True):
             await store.aclose()
 
 
-async def _serve_signals(server: object, demo: tuple[str, str] | None) -> None:
+_STORE_OPS: dict[str, Literal["read", "write", "import", "prune"]] = {
+    "open": "read",
+    "plan": "read",
+    "assign": "write",
+    "fingerprints": "write",
+    "mark_deleted": "write",
+}
+
+
+async def _serve_signals(
+    server: object, demo: tuple[str, str] | None, reload_config: Callable[[], cfg.Config]
+) -> None:
+    from gateway.admin import AdminSettings, serve_admin
     from gateway.server import Server
 
     assert isinstance(server, Server)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.serve)
             for bound in addresses:
                 log.info("listening on %s:%d (tls=%s)", bound.host, bound.port, bound.tls)
+            admin = server.config.admin
+            if admin.address:
+                settings = AdminSettings(
+                    read_timeout=admin.read_timeout, max_connections=admin.max_connections
+                )
+                admin_bound = await nursery.start(
+                    functools.partial(
+                        serve_admin, admin.address, server.metrics, server.ready, settings=settings
+                    )
+                )
+                for host, port in admin_bound:
+                    log.info("admin endpoint on http://%s:%d/ (healthz, readyz, metrics)", host, port)
             if demo is not None:
                 user, password = demo
                 host, port = addresses[0].host, addresses[0].port
@@ -340,7 +368,18 @@ async def _serve_signals(server: object, demo: tuple[str, str] | None) -> None:
                     flush=True,
                 )
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    try:
+                        server.reload(reload_config())
+                    except (cfg.ConfigError, OSError, ValueError) as exc:
+                        log.error("SIGHUP: reload failed, keeping the running configuration: %s", exc)
+                    else:
+                        log.info("SIGHUP: configuration and TLS certificates reloaded")
+                    continue
                 log.info("signal %s: draining", signal.Signals(signum).name)
                 server.drain()
                 break
+            # the admin endpoint goes when the POP3 service has drained
+            await server.drained.wait()
+            nursery.cancel_scope.cancel()
     await server.backend.aclose()

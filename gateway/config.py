@@ -7,6 +7,7 @@ two list the same keys. Command-line flags override the file (see ``with_overrid
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 import types
@@ -40,6 +41,7 @@ class ListenConfig:
     tls: Literal["none", "starttls", "implicit"] = "none"
     cert_file: str = ""
     key_file: str = ""
+    proxy_protocol: bool = False  # expect a PROXY v1/v2 header, from server.trusted_proxies only
 
     def host_port(self) -> tuple[str, int]:
         return parse_host_port(self.address)
@@ -56,7 +58,11 @@ class ServerConfig:
     login_delay: int = 0
     expire: str = "NEVER"
     in_use_lock: bool = True
-    allow_plaintext_auth: bool = True
+    # USER/PASS and AUTH without TLS: always from loopback; from anywhere with allow_plaintext_auth, or
+    # from the networks listed (legacy devices on a LAN).
+    allow_plaintext_auth: bool = False
+    plaintext_auth_networks: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()  # peers whose PROXY headers are believed
     max_auth_failures: int = 3
     implementation: str = "pop3-gateway"
 
@@ -75,6 +81,25 @@ class UpstreamConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AdminConfig:
+    address: str = "127.0.0.1:9110"  # /healthz, /readyz, /metrics; "" disables
+    read_timeout: float = 10.0
+    max_connections: int = 32
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_sessions_per_ip: int = 50  # 0 = unlimited
+    max_sessions_per_account: int = 5
+    ipv6_prefix: int = 64  # IPv6 clients are counted per prefix
+    auth_delay_base: float = 1.0  # the delay after the first failure; doubles per failure
+    auth_delay_max: float = 30.0
+    auth_failure_window: float = 900.0  # failures older than this are forgotten
+    lockout_after: int = 0  # failures in the window that lock the account or IP out; 0 = never
+    lockout_duration: float = 900.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -86,6 +111,8 @@ class Config:
     listen: tuple[ListenConfig, ...] = (ListenConfig(),)
     upstream: UpstreamConfig = dataclasses.field(default_factory=UpstreamConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    admin: AdminConfig = dataclasses.field(default_factory=AdminConfig)
+    limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
 
     @property
     def state_path(self) -> Path:
@@ -265,6 +292,29 @@ def validate(config: Config, text: str = "") -> None:
             upstream_scheme(config.upstream.url)
         except ValueError as exc:
             fail(("upstream", "url"), str(exc))
+    for name in ("plaintext_auth_networks", "trusted_proxies"):
+        for i, net in enumerate(getattr(s, name)):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                fail(("server", name, i), f"not an IP network: {net!r}")
+    if config.admin.address:
+        try:
+            parse_host_port(config.admin.address)
+        except ValueError as exc:
+            fail(("admin", "address"), str(exc))
+    if config.admin.read_timeout <= 0 or config.admin.max_connections < 1:
+        fail(("admin", "read_timeout"), "read_timeout must be > 0 and max_connections >= 1")
+    lim = config.limits
+    for name in ("max_sessions_per_ip", "max_sessions_per_account", "lockout_after"):
+        if getattr(lim, name) < 0:
+            fail(("limits", name), "must be >= 0")
+    if not 0 <= lim.ipv6_prefix <= 128:
+        fail(("limits", "ipv6_prefix"), "must be 0..128")
+    if lim.auth_delay_base < 0 or lim.auth_delay_max < lim.auth_delay_base:
+        fail(("limits", "auth_delay_max"), "needs 0 <= auth_delay_base <= auth_delay_max")
+    if lim.auth_failure_window <= 0 or lim.lockout_duration <= 0:
+        fail(("limits", "auth_failure_window"), "windows and durations must be > 0")
     if config.upstream.uidl_format not in UIDL_FORMATS:
         fail(("upstream", "uidl_format"), "must be one of " + ", ".join(UIDL_FORMATS))
     policy = config.upstream.delete_policy

@@ -37,6 +37,7 @@ class DurableMaildrop:
         self._map = list(order)
         self._entries = entries
         self._prints: dict[str, tuple[str | None, str | None]] = {}
+        self.drift: dict[str, object] = {}
 
     @property
     def entries(self) -> Sequence[Entry]:
@@ -141,4 +142,12 @@ async def attach(
         )
         for i in result.order
     ]
-    return DurableMaildrop(drop, store, name, result.order, ordered)
+    wrapped = DurableMaildrop(drop, store, name, result.order, ordered)
+    wrapped.drift = {
+        "uidl_hash": result.list_hash[:16],
+        "uidl_changed": 0 if result.previous_hash in (None, result.list_hash) else result.new + result.gone,
+        "uidl_new": result.new,
+        "uidl_gone": result.gone,
+        "uidl_rematched": result.rematched,
+    }
+    return wrapped

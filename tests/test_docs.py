@@ -17,7 +17,7 @@ from gateway.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-ROW = re.compile(r"^\|\s*`([a-z_]+\.[a-z_]+)`\s*\|")
+ROW = re.compile(r"^\|\s*`([a-z0-9_]+\.[a-z0-9_]+)`\s*\|")
 
 
 # ---------------------------------------------------------------- configuration reference
@@ -51,6 +51,8 @@ def documented_rows(text: str) -> dict[str, list[str]]:
 def type_word(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(f'`"{c}"`' for c in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "array of " + type_word(typing.get_args(tp)[0]) + "s"
     return {str: "string", int: "integer", float: "number", bool: "boolean"}[tp]
 
 
@@ -76,6 +78,8 @@ def check_configuration_doc(text: str) -> list[str]:
         except tomllib.TOMLDecodeError:
             problems.append(f"{key}: default {cells[2]!r} is no TOML value")
             continue
+        if isinstance(default, tuple):
+            default = list(default)
         if documented != default or isinstance(documented, bool) != isinstance(default, bool):
             problems.append(f"{key}: default {documented!r}, the loader says {default!r}")
         if not cells[3]:

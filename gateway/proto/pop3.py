@@ -398,6 +398,7 @@ class Connection:
         self._sasl: _Sasl | None = None
         self._sasl_user = ""
         self._pending: list[Event] = []
+        self.verbs: list[str] = []  # the verb of every command parsed, for the caller to count and clear
 
     # -- input
 
@@ -434,7 +435,9 @@ class Connection:
         try:
             command = parse_command(line)
         except BadCommand as exc:
+            self.verbs.append("OTHER")
             return Reply(err(str(exc)))
+        self.verbs.append(type(command).__name__.upper())
         if self.state not in _ALLOWED[type(command)]:
             return Reply(err(f"Command not valid in {self.state.value} state"))
         return self._handle(command)
