@@ -342,6 +342,7 @@ def with_overrides(
     listen: str | None = None,
     upstream: str | None = None,
     state_dir: str | None = None,
+    admin: str | None = None,
 ) -> Config:
     """Command-line flags win over the file: --listen replaces every listener with one plain one."""
     if listen is not None:
@@ -350,5 +351,7 @@ def with_overrides(
         config = dataclasses.replace(config, upstream=dataclasses.replace(config.upstream, url=upstream))
     if state_dir is not None:
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, state_dir=state_dir))
+    if admin is not None:
+        config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, address=admin))
     validate(config)
     return config

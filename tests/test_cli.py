@@ -77,7 +77,7 @@ def free_port() -> int:
 def test_serve_demo_then_sigterm_drains(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [*EXE, "serve", "--state-dir", str(tmp_path), "--listen", f"127.0.0.1:{port}"],
+        [*EXE, "serve", "--state-dir", str(tmp_path), "--listen", f"127.0.0.1:{port}", "--admin-listen", ""],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -281,6 +281,8 @@ def test_a_50_mb_message_streams_in_flat_memory(
             "-m",
             "gateway",
             "serve",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--listen",
             f"127.0.0.1:{port}",
             "--state-dir",

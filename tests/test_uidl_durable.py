@@ -163,6 +163,8 @@ def _spawn(state: Path, port: int, dovecot: Dovecot) -> subprocess.Popen[bytes]:
             "-m",
             "gateway",
             "serve",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--listen",
             f"127.0.0.1:{port}",
             "--state-dir",
