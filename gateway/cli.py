@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", metavar="URL", help="maildir:///path (imap://, jmap+https:// later)")
     serve.add_argument("--state-dir", metavar="DIR", help="where the UIDL store and the demo live")
     serve.add_argument(
-        "--admin-listen", metavar="HOST:PORT", help='the admin HTTP endpoint (healthz, readyz, metrics); "" disables'
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help='the admin HTTP endpoint (healthz, readyz, metrics); "" disables it',
     )
     serve.add_argument("--log-format", choices=("text", "json"), help="log line format")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level")
