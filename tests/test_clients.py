@@ -258,3 +258,33 @@ async def test_poplib_stls_and_bad_password(target: Target) -> None:
     count, reply = await trio.to_thread.run_sync(run)
     assert count == 2
     assert "-ERR [AUTH]" in reply
+
+
+async def test_apop_with_poplib_on_the_embedded_maildir(nursery: trio.Nursery, tmp_path: Path) -> None:
+    add_user(tmp_path / "users", "dora", "login-pw", apop_secret="apop-secret")
+    add_user(tmp_path / "users", "eve", "login-pw2")  # no APOP secret: APOP is refused cleanly
+    _write_maildir(tmp_path / "mail" / "dora", corpus.tricky_messages()[:2])
+    backend = MaildirBackend(tmp_path / "mail", tmp_path / "users")
+    server = Server(Config(listen=(ListenConfig("127.0.0.1:0"),)), backend)
+    [bound] = await nursery.start(server.serve)
+
+    def run() -> tuple[int, str, str]:
+        p = poplib.POP3(bound.host, bound.port, timeout=30)
+        p.apop("dora", "apop-secret")  # poplib takes the timestamp from the greeting
+        count = p.stat()[0]
+        p.quit()
+        replies = []
+        for user, secret in (("dora", "wrong"), ("eve", "login-pw2")):
+            q = poplib.POP3(bound.host, bound.port, timeout=30)
+            try:
+                q.apop(user, secret)
+                replies.append("accepted")
+            except poplib.error_proto as exc:
+                replies.append(str(exc))
+            q.quit()
+        return count, replies[0], replies[1]
+
+    count, wrong, no_secret = await trio.to_thread.run_sync(run)
+    assert count == 2
+    assert "-ERR [AUTH]" in wrong and "-ERR [AUTH]" in no_secret
+    server.drain()

@@ -483,3 +483,19 @@ async def test_internal_error_reaches_client_as_generic_err(nursery: trio.Nurser
     assert reply == b"-ERR [SYS/TEMP] Internal server error"
     assert b"secret" not in await c.read_all()
     server.drain()
+
+
+async def test_every_greeting_carries_a_unique_apop_timestamp(
+    running: tuple[Server, FakeBackend, Bound],
+) -> None:
+    import re
+
+    _, _, bound = running
+    stamps = set()
+    for _ in range(5):
+        c = await Client.connect(bound)
+        greeting = await c.readline()
+        m = re.search(rb"<[^<>@\s]+@[^<>\s]+>", greeting)
+        assert m is not None, greeting
+        stamps.add(m.group(0))
+    assert len(stamps) == 5
