@@ -3,13 +3,9 @@ policies that fail, \\Seen, slow upstreams, folders, exact credentials and memor
 
 from __future__ import annotations
 
-import os
 import poplib
 import re
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ import trio
 from gateway.backends.imap import ImapBackend, ImapSettings
 from gateway.config import Config, ListenConfig
 from gateway.server import Server
+from tests.gwproc import free_port, spawn_gateway
 from tests.realservers import corpus
 from tests.realservers.dovecot import Dovecot, MailUser
 from tests.tcpproxy import RecordingProxy
@@ -237,12 +234,6 @@ async def test_quotes_backslashes_and_braces_reach_dovecot_exactly(
     server.drain()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _hwm_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -274,35 +265,9 @@ def test_a_50_mb_message_streams_in_flat_memory(
 ) -> None:
     big = corpus.big_message(50 * 1024 * 1024)
     dovecot.append(mail_user.name, mail_user.password, [corpus.sized_message(0, 10_000), big])
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--state-dir",
-            str(tmp_path),
-            "--upstream",
-            f"imap://{dovecot.host}:{dovecot.imap_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    port = free_port()
+    proc = spawn_gateway(tmp_path, port, f"imap://{dovecot.host}:{dovecot.imap_port}")
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
         _retr_discard(port, mail_user, 1)  # warm up: imports, TLS-free code paths, buffers
         baseline = _hwm_kib(proc.pid)
         received = _retr_discard(port, mail_user, 2)

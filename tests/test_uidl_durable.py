@@ -8,11 +8,8 @@ import dataclasses
 import os
 import poplib
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from gateway.backends.imap import ImapBackend, ImapSettings
 from gateway.config import Config, ListenConfig, ServerConfig
 from gateway.server import Bound, Server
 from gateway.store import AsyncUidlStore
+from tests.gwproc import free_port, spawn_gateway
 from tests.realservers import corpus
 from tests.realservers.clients import run_fetchmail, run_getmail, run_mpop
 from tests.realservers.dovecot import Dovecot, MailUser
@@ -150,40 +148,8 @@ async def test_unmatched_messages_get_new_uidls_and_old_ones_are_never_reused(
     await stop_gateway(server)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _spawn(state: Path, port: int, dovecot: Dovecot) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--state-dir",
-            str(state),
-            "--upstream",
-            f"imap://{dovecot.host}:{dovecot.imap_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.05)
+    return spawn_gateway(state, port, f"imap://{dovecot.host}:{dovecot.imap_port}")
 
 
 def test_sigkill_mid_session_changes_no_uidl_and_deletes_nothing(
@@ -191,7 +157,7 @@ def test_sigkill_mid_session_changes_no_uidl_and_deletes_nothing(
 ) -> None:
     uids = dovecot.append(mail_user.name, mail_user.password, corpus.sized_messages(20, 800))
     state = tmp_path / "state"
-    port = _free_port()
+    port = free_port()
     proc = _spawn(state, port, dovecot)
     bound = Bound("127.0.0.1", port, "none")
     try:

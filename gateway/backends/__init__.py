@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 from gateway.backends.base import Backend
 from gateway.config import Config, ConfigError, upstream_scheme
@@ -31,40 +32,33 @@ def make_backend(config: Config) -> Backend:
         if not root:
             raise ConfigError("maildir:// needs a path, e.g. maildir:///var/mail", key="upstream.url")
         return MaildirBackend(Path(root), users_file)
-    if scheme in ("imap", "imap+starttls", "imaps"):
-        from gateway.backends.imap import ImapBackend, ImapSettings
+    up = config.upstream
+    common: dict[str, Any] = {
+        "folder": up.folder,
+        "ca_file": up.ca_file,
+        "insecure": up.insecure,
+        "delete_policy": up.delete_policy,
+        "mark_seen": up.mark_seen,
+    }
+    try:
+        if scheme in ("imap", "imap+starttls", "imaps"):
+            from gateway.backends.imap import ImapBackend, ImapSettings
 
-        up = config.upstream
-        try:
-            settings = ImapSettings.from_url(
-                url,
-                folder=up.folder,
-                ca_file=up.ca_file,
-                insecure=up.insecure,
-                delete_policy=up.delete_policy,
-                mark_seen=up.mark_seen,
-                connect_timeout=config.server.upstream_timeout,
+            return ImapBackend(
+                ImapSettings.from_url(url, connect_timeout=config.server.upstream_timeout, **common)
             )
-            return ImapBackend(settings)
-        except (ValueError, OSError) as exc:
-            raise ConfigError(str(exc), key="upstream.url") from None
-    if scheme in ("jmap+http", "jmap+https"):
-        from gateway.backends.jmap import JmapBackend, JmapSettings
+        if scheme in ("jmap+http", "jmap+https"):
+            from gateway.backends.jmap import JmapBackend, JmapSettings
 
-        up = config.upstream
-        try:
-            jmap_settings = JmapSettings.from_url(
-                url,
-                folder=up.folder,
-                ca_file=up.ca_file,
-                insecure=up.insecure,
-                delete_policy=up.delete_policy,
-                mark_seen=up.mark_seen,
-                token=up.token,
-                users_file=str(users_file) if up.token else "",
-                timeout=config.server.upstream_timeout,
+            return JmapBackend(
+                JmapSettings.from_url(
+                    url,
+                    token=up.token,
+                    users_file=str(users_file) if up.token else "",
+                    timeout=config.server.upstream_timeout,
+                    **common,
+                )
             )
-            return JmapBackend(jmap_settings)
-        except (ValueError, OSError) as exc:
-            raise ConfigError(str(exc), key="upstream.url") from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc), key="upstream.url") from None
     raise ConfigError(f"the {scheme}:// upstream is not available in this version", key="upstream.url")

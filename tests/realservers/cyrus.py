@@ -33,11 +33,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.realservers.fs import MissingProgram, check_searchable, require_program, tail
+from tests.realservers.rawimap import ImapConnection as _ImapConnection
+from tests.realservers.rawimap import appended_uids as _appended_uids
+from tests.realservers.rawimap import free_ports as _free_ports
+from tests.realservers.rawimap import quote as _quote
 
 HOST = "127.0.0.1"
 SERVERNAME = "pop3gw.test"
@@ -48,7 +52,6 @@ STOP_TIMEOUT = 10.0
 CONFIG_SUBDIRS = ("db", "socket", "proc", "log", "msg", "user", "quota", "sync", "lock", "ptclient")
 APPEND_WINDOW = 64
 APPEND_WINDOW_BYTES = 1 << 20
-_APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]")
 _SYSLOG_PRI = re.compile(rb"^<\d+>")
 MAX_OBJECTS_IN_GET = 100  # the server's maxObjectsInGet (Cyrus's default is 4096)
 RECEIVED_START = 1_704_067_200  # 2024-01-01T00:00:00Z: internal dates count up from here
@@ -392,14 +395,6 @@ def _kill_strays(root: Path) -> None:
         time.sleep(0.02)
 
 
-def _free_ports(count: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
 class _SyslogCatcher:
     """Receives syslog datagrams on /dev/log (only when nobody else serves it) into a file."""
 
@@ -467,85 +462,6 @@ def _internaldate(epoch: int) -> bytes:
     t = time.gmtime(epoch)
     month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][t.tm_mon - 1]
     return f"{t.tm_mday:02d}-{month}-{t.tm_year} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000".encode()
-
-
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _appended_uids(imap: _ImapConnection, tags: list[bytes]) -> list[int]:
-    imap.flush()
-    uids = []
-    for tag in tags:
-        reply = imap.reply(tag)
-        match = _APPENDUID.search(reply)
-        if match is None:
-            raise RuntimeError(f"APPEND reply without APPENDUID: {reply!r}")
-        uids.append(int(match.group(2)))
-    return uids
-
-
-class _ImapConnection:
-    """Just enough IMAP client for creating and filling mailboxes (no literals in responses needed)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buffer = b""
-        self._out = bytearray()
-        self._next_tag = 0
-        self.untagged: list[bytes] = []
-
-    @classmethod
-    @contextlib.contextmanager
-    def open(cls, host: str, port: int) -> Iterator[_ImapConnection]:
-        with socket.create_connection((host, port), timeout=30) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = cls(sock)
-            greeting = conn._readline()
-            if not greeting.startswith(b"* OK"):
-                raise RuntimeError(f"unexpected IMAP greeting: {greeting!r}")
-            yield conn
-
-    def tagged(self, command: bytes) -> bytes:
-        self._next_tag += 1
-        tag = b"A%d" % self._next_tag
-        self._out += tag + b" " + command + b"\r\n"
-        return tag
-
-    def flush(self) -> None:
-        self._sock.sendall(self._out)
-        self._out.clear()
-
-    def command(self, command: bytes, *, allow_no: bytes | None = None) -> bytes:
-        tag = self.tagged(command)
-        self.flush()
-        return self.reply(tag, allow_no=allow_no)
-
-    def command_lines(self, command: bytes) -> list[bytes]:
-        self.untagged = []
-        self.command(command)
-        return self.untagged
-
-    def reply(self, tag: bytes, *, allow_no: bytes | None = None) -> bytes:
-        while True:
-            line = self._readline()
-            if line.startswith(tag + b" "):
-                status = line[len(tag) + 1 :]
-                if status.startswith(b"OK") or (
-                    allow_no and status.startswith(b"NO") and allow_no.lower() in status.lower()
-                ):
-                    return line
-                raise RuntimeError(f"IMAP command {tag.decode()} failed: {line!r}")
-            self.untagged.append(line)
-
-    def _readline(self) -> bytes:
-        while b"\r\n" not in self._buffer:
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"IMAP server closed the connection; buffered {self._buffer!r}")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\r\n", 1)
-        return line
 
 
 __all__ = ["Cyrus", "imapd_path", "start_cyrus"]

@@ -11,7 +11,6 @@ why each setting is there.
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import hashlib
 import os
@@ -21,7 +20,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,10 @@ from tests.realservers.fs import (
     tail,
     vmail_ids,
 )
+from tests.realservers.rawimap import ImapConnection as _ImapConnection
+from tests.realservers.rawimap import appended_uids as _appended_uids
+from tests.realservers.rawimap import free_ports as _free_ports
+from tests.realservers.rawimap import quote as _quote
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
@@ -44,8 +47,6 @@ MAX_BASE_DIR_LEN = 70
 # APPEND pipelining: flush after this many commands or bytes, then read the tagged replies.
 APPEND_WINDOW = 64
 APPEND_WINDOW_BYTES = 1 << 20
-
-_APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]")
 
 
 @dataclass(frozen=True)
@@ -326,15 +327,6 @@ def _dovecot_gid() -> int:
         ) from None
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out for port 0, all held at once so they differ."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
 def _wait_ready(server: Dovecot) -> None:
     """Poll until each listener greets (through TLS with the CA for the implicit-TLS ones)."""
     deadline = time.monotonic() + START_TIMEOUT
@@ -365,75 +357,3 @@ def _expect_greeting(host: str, port: int, tls: ssl.SSLContext | None, greeting:
             line = sock.recv(512)
             if not line.startswith(greeting):
                 raise ConnectionError(f"unexpected greeting on port {port}: {line!r}")
-
-
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _appended_uids(imap: _ImapConnection, tags: list[bytes]) -> list[int]:
-    imap.flush()
-    uids = []
-    for tag in tags:
-        reply = imap.reply(tag)
-        match = _APPENDUID.search(reply)
-        if match is None:
-            raise RuntimeError(f"APPEND reply without APPENDUID: {reply!r}")
-        uids.append(int(match.group(2)))
-    return uids
-
-
-class _ImapConnection:
-    """Just enough IMAP client for filling mailboxes: tagged commands, pipelined writes, tagged replies."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buffer = b""
-        self._out = bytearray()
-        self._next_tag = 0
-
-    @classmethod
-    @contextlib.contextmanager
-    def open(cls, host: str, port: int) -> Iterator[_ImapConnection]:
-        with socket.create_connection((host, port), timeout=30) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = cls(sock)
-            greeting = conn._readline()
-            if not greeting.startswith(b"* OK"):
-                raise RuntimeError(f"unexpected IMAP greeting: {greeting!r}")
-            yield conn
-
-    def tagged(self, command: bytes) -> bytes:
-        """Queue `TAG command` for the next flush and return the tag."""
-        self._next_tag += 1
-        tag = b"A%d" % self._next_tag
-        self._out += tag + b" " + command + b"\r\n"
-        return tag
-
-    def flush(self) -> None:
-        self._sock.sendall(self._out)
-        self._out.clear()
-
-    def command(self, command: bytes, *, allow_no: bytes | None = None) -> bytes:
-        tag = self.tagged(command)
-        self.flush()
-        return self.reply(tag, allow_no=allow_no)
-
-    def reply(self, tag: bytes, *, allow_no: bytes | None = None) -> bytes:
-        """Read up to the tagged reply for `tag`; raise unless it is OK (or NO containing `allow_no`)."""
-        while True:
-            line = self._readline()
-            if line.startswith(tag + b" "):
-                status = line[len(tag) + 1 :]
-                if status.startswith(b"OK") or (allow_no and status.startswith(b"NO") and allow_no in status):
-                    return line
-                raise RuntimeError(f"IMAP command {tag.decode()} failed: {line!r}")
-
-    def _readline(self) -> bytes:
-        while b"\r\n" not in self._buffer:
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"IMAP server closed the connection; buffered {self._buffer!r}")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\r\n", 1)
-        return line
