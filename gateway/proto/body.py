@@ -69,7 +69,7 @@ class BodyEncoder:
         self.octets += len(data)
         if self._sink is not None:
             self._sink(data)
-        out = data.replace(b"\n.", b"\n..") if b"\n." in data else data
+        out = _stuff_dots(data)
         if self._at_line_start and data[:1] == b".":
             out = b"." + out
         self._at_line_start = data[-1:] == b"\n"
@@ -108,6 +108,27 @@ class BodyEncoder:
         self._body_lines_left = 0
         self.done = True
         return data[:pos]
+
+
+_FEW_DOTS = 64
+
+
+def _stuff_dots(data: bytes) -> bytes:
+    """``data`` with "." doubled after every LF. Dot lines are rare in mail: finding them one by one and
+    joining is about twice as fast as ``bytes.replace``, which is kept for chunks with many of them."""
+    pos = data.find(b"\n.")
+    if pos < 0:
+        return data
+    parts: list[bytes] = []
+    start = 0
+    while pos >= 0:
+        if len(parts) == _FEW_DOTS:
+            return data.replace(b"\n.", b"\n..")
+        parts.append(data[start : pos + 1])
+        start = pos + 1
+        pos = data.find(b"\n.", pos + 2)
+    parts.append(data[start:])
+    return b".".join(parts)
 
 
 def _normalise(data: bytes) -> bytes:

@@ -164,3 +164,12 @@ def test_maildrop_lookup_and_plan() -> None:
     md.reset()
     assert md.commit_plan() == ()
     assert md.stat() == (2, 3)
+
+
+@pytest.mark.parametrize("dots", [0, 1, 63, 64, 65, 500])
+def test_dot_stuffing_with_few_and_many_dot_lines(dots: int) -> None:
+    lines = [b".dot %d" % i if i < dots else b"line %d" % i for i in range(600)]
+    msg = b"Subject: d\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
+    out, _ = encode(msg)
+    assert out == msg.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    assert unstuff(out) == msg
