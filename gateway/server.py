@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import socket
 import ssl
@@ -600,6 +601,10 @@ class _Session:
         except AuthFailed:
             text, code, result = "Authentication failed", "AUTH", "auth"
             throttle.record_failure(self.ip, account)
+            # Tell the client how long to wait (RFC 2449 LOGIN-DELAY in CAPA), now that it has to.
+            wait = math.ceil(throttle.delay_for(self.ip, None))
+            if wait > self.conn.settings.login_delay:
+                self.conn.settings = dataclasses.replace(self.conn.settings, login_delay=wait)
         except InUse:
             text, code, result = "Maildrop is locked by another session", "IN-USE", "in-use"
         except PermFailure:

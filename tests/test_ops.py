@@ -120,6 +120,8 @@ async def test_failed_logins_slow_down_more_and_more(
         assert await c.cmd(b"PASS wrong") == b"-ERR [AUTH] Authentication failed"
         waits.append(round(trio.current_time() - start, 1))
     assert waits == [0, 2, 4, 7, 7]
+    caps = (await c.cmd(b"CAPA")) + await c.read_multiline()
+    assert b"LOGIN-DELAY 7" in caps.split(b"\r\n")  # the throttle is advertised
     await c.cmd(b"USER alice")
     start = trio.current_time()
     assert (await c.cmd(b"PASS pw")).startswith(b"+OK")
