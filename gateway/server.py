@@ -56,7 +56,6 @@ from gateway.proto import pop3
 from gateway.proto import proxy as proxyproto
 from gateway.proto.body import BodyEncoder
 from gateway.proto.logins import Login
-from gateway.proto.maildrop import MessageInfo
 from gateway.proto.uidl import Fingerprinter
 from gateway.store import AsyncUidlStore
 
@@ -661,7 +660,7 @@ class _Session:
                 self.stats.drift = durable_drop.drift
             self.server._last_login[key] = now
             self.username = login.username
-            messages = [MessageInfo(e.size, e.uidl) for e in drop.entries]
+            messages = drop.entries  # Entry has what the core needs: size and uidl
             self.out += self.conn.auth_succeeded(messages, login.username)
             self.metrics.login("ok")
             log.info("login peer=%s user=%s messages=%d", self.peer, login.username, len(messages))

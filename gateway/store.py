@@ -112,6 +112,8 @@ class UidlStore:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+        # mailbox -> (data_version, snapshot keys, the assignment for exactly that snapshot)
+        self._cache: dict[str, tuple[int, tuple[str, ...], Assignment]] = {}
 
     def close(self) -> None:
         self.db.close()
@@ -247,6 +249,17 @@ class UidlStore:
         *,
         plan_first: bool,
     ) -> Assignment | Plan:
+        keys = tuple(i.key for i in items)
+        cached = self._cache.get(name)
+        if (
+            cached is not None
+            and not fingerprints
+            and cached[1] == keys
+            and cached[0] == self._data_version()
+        ):
+            # The same snapshot as this mailbox's last session, and nobody else wrote the store since:
+            # the answer cannot differ, and 100,000 rows need not be read again.
+            return cached[2]
         with self._transaction():
             mailbox_id = self._mailbox(name, account)
             rows = self._rows(mailbox_id)
@@ -301,7 +314,7 @@ class UidlStore:
                 "UPDATE mailbox SET last_list_hash = ?, last_count = ?, sessions = sessions + 1 WHERE id = ?",
                 (list_hash, len(uidls), mailbox_id),
             )
-        return Assignment(
+        result = Assignment(
             uidls=uidls,
             order=order,
             new=len(inserts),
@@ -311,6 +324,15 @@ class UidlStore:
             list_hash=list_hash,
             previous_hash=prev,
         )
+        unchanged = dataclasses.replace(
+            result, new=0, gone=0, rematched=0, unmatched_vanished=0, previous_hash=list_hash
+        )
+        self._cache[name] = (self._data_version(), keys, unchanged)
+        return result
+
+    def _data_version(self) -> int:
+        """Changes whenever another connection (another process: `uidl import`) commits to the file."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
     def _rematch(
         self,
@@ -367,6 +389,7 @@ class UidlStore:
             )
 
     def mark_deleted(self, name: str, keys: Iterable[str]) -> None:
+        self._cache.pop(name, None)
         with self._transaction():
             self.db.executemany(
                 "UPDATE message SET state = 'deleted' "
@@ -382,6 +405,7 @@ class UidlStore:
         A message that already has a UIDL keeps it reserved (moved to a retired row) and takes the old one.
         Raises ValueError, writing nothing, if an old UIDL is already given to another message.
         """
+        self._cache.pop(name, None)
         with self._transaction():
             mailbox_id = self._mailbox(name, account)
             rows = self._rows(mailbox_id)

@@ -227,3 +227,25 @@ def test_assign_or_plan_assigns_in_one_pass_or_asks_for_headers_first(store: Uid
     assert [r.key for r in store.rows("mb")] == ["a", "b"]  # nothing written
     r = store.assign("mb", "a", items(("b", 6), ("a2", 5)), "native", {"a2": ("H", None)})
     assert r.uidls == ("n-b", "n-a")
+
+
+def test_an_unchanged_snapshot_is_answered_without_reading_the_rows_again(tmp_path: Path) -> None:
+    s = UidlStore(tmp_path / "u.db")
+    snapshot = items(("a", 1), ("b", 2))
+    first = s.assign("mb", "acct", snapshot, "native")
+    statements: list[str] = []
+    s.db.set_trace_callback(statements.append)
+    again = s.assign("mb", "acct", snapshot, "native")
+    s.db.set_trace_callback(None)
+    assert again.uidls == first.uidls and again.new == 0
+    assert not any(st.startswith(("BEGIN", "SELECT key")) for st in statements)
+    # a write by another process (here: another connection) is seen at once
+    other = UidlStore(tmp_path / "u.db")
+    other.import_uidls("mb", "acct", [(Item("b", 2, native=""), "OLD-B", 1)])
+    other.close()
+    after = s.assign("mb", "acct", snapshot, "native")
+    assert "OLD-B" in after.uidls
+    # and our own deletions drop the cached answer
+    s.mark_deleted("mb", ["a"])
+    assert s.assign("mb", "acct", items(("b", 2), ("c", 3)), "native").uidls == ("OLD-B", "n-c")
+    s.close()

@@ -289,6 +289,33 @@ class ImapConnection:
                     case _:
                         pass
 
+    async def fetch_snapshot(self, items: str) -> tuple[imap.Tagged, list[tuple[int, int]], list[imap.Event]]:
+        """``UID FETCH 1:* items``: plain (UID, RFC822.SIZE) lines through the parser's fast path, anything
+        else as events. One round trip whatever the mailbox size."""
+        rows: list[tuple[int, int]] = []
+        other: list[imap.Event] = []
+        async with self._exchange():
+            await self._drain_unfinished()
+            tag, data = self.client.send_command("UID FETCH", imap.Atom("1:*"), imap.Raw(items))
+            await self.stream.send_all(data)
+            while True:
+                rows.extend((uid, size) for _, uid, size in self.client.next_size_fetches())
+                event = self.client.next_event()
+                if isinstance(event, imap.NeedData):
+                    self.client.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+                    continue
+                match event:
+                    case imap.ConnectionClosed():
+                        raise _Broken("upstream closed the connection")
+                    case imap.Tagged() if event.tag == tag:
+                        return event, rows, other
+                    case imap.UntaggedStatus() if event.condition is imap.Condition.BYE:
+                        raise _Broken(f"upstream said BYE: {event.text}")
+                    case imap.FetchBodyChunk():
+                        pass
+                    case _:
+                        other.append(event)
+
     async def fetch_small_bodies(self, uids: Sequence[int], max_each: int) -> dict[int, bytes]:
         """One ``UID FETCH set (UID BODY.PEEK[])`` for small messages, kept whole (each at most
         ``max_each`` octets: a bigger literal is dropped and fetched again the streaming way)."""
@@ -600,9 +627,10 @@ class ImapBackend:
         objectid = "OBJECTID" in conn.client.capabilities
         if exists:
             items = "(UID RFC822.SIZE" + (" FLAGS" if hide else "") + (" EMAILID" if objectid else "") + ")"
-            tagged, untagged = await conn.command("UID FETCH", imap.Atom("1:*"), imap.Raw(items))
+            tagged, plain, untagged = await conn.fetch_snapshot(items)
             if tagged.condition is not imap.Condition.OK:
                 raise TempFailure(f"snapshot fetch failed: {tagged.text}")
+            rows.extend(plain)  # only ever lines with exactly UID and RFC822.SIZE: no flags, no EMAILID
             for event in untagged:
                 if not isinstance(event, imap.Fetch):
                     continue

@@ -341,6 +341,9 @@ _LITERAL_RE = re.compile(rb"~?\{([0-9]{1,20})\+?\}")
 # plus bracketed sections that may hold spaces and parens: BODY[HEADER.FIELDS (FROM)]<0>.
 _ATOM_RE = re.compile(rb"(?:[!#-'*-Z\\\]-z|-~]++|\[[ -\\\^-~]*+\])++")
 _TAGGED_RE = re.compile(rb"([^\x00-\x20\x7f-\xff(){%*\"\\+]+) (OK|NO|BAD)(?: |\Z)", re.IGNORECASE)
+_SIZE_FETCH_RE = re.compile(
+    rb"\* ([1-9][0-9]{0,9}) FETCH \(UID ([1-9][0-9]{0,9}) RFC822\.SIZE ([0-9]{1,15})\)\r?\n"
+)
 _UNTAGGED_RE = re.compile(rb"(?:(0|[1-9][0-9]{0,19}) )?([A-Za-z][A-Za-z0-9._-]*)(?: |\Z)")
 _CODE_RE = re.compile(rb"([A-Za-z0-9][A-Za-z0-9._-]*)(?: (.*))?", re.DOTALL)
 _BODY_ITEM_RE = re.compile(r"(?:BODY|BINARY)(?:\.PEEK)?\[.*|RFC822(?:\.TEXT|\.HEADER)?", re.DOTALL)
@@ -723,6 +726,22 @@ class ResponseParser:
             self._events.clear()
             raise
 
+    def next_size_fetches(self) -> list[tuple[int, int, int]]:
+        """A fast path for big snapshots: consume the complete ``* n FETCH (UID u RFC822.SIZE s)`` lines
+        at the front of the buffer and return their (n, u, s), exactly what ``next_event()`` would have
+        turned into ``Fetch`` events one by one. Returns [] when the next response is anything else."""
+        if self._read is not _Read.LINE or self._partial is not None or self._events:
+            return []
+        out: list[tuple[int, int, int]] = []
+        match = _SIZE_FETCH_RE.match
+        buf, pos = self._buf, self._pos
+        while (m := match(buf, pos)) is not None:
+            out.append((int(m[1]), int(m[2]), int(m[3])))
+            pos = m.end()
+        self._pos = pos
+        self._scan = max(self._scan, pos)
+        return out
+
     def _step(self) -> Event | NeedData | None:
         """Make progress; None means events may have been queued, call again."""
         match self._read:
@@ -997,6 +1016,12 @@ class Client:
                 self._failed = True
                 raise
         return event
+
+    def next_size_fetches(self) -> list[tuple[int, int, int]]:
+        """``ResponseParser.next_size_fetches`` (plain FETCH responses change no client state)."""
+        if self._failed or self.state is State.AWAITING_GREETING:
+            return []
+        return self._parser.next_size_fetches()
 
     # writing
 

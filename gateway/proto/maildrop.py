@@ -12,6 +12,17 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Sequence
+from typing import Protocol
+
+
+class Listed(Protocol):
+    """What the session needs of a message: its size and UIDL (a backend's Entry has both)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def uidl(self) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -28,7 +39,7 @@ class Lookup(enum.Enum):
 class Maildrop:
     __slots__ = ("_deleted", "_deleted_octets", "_messages", "_total_octets")
 
-    def __init__(self, messages: Sequence[MessageInfo]) -> None:
+    def __init__(self, messages: Sequence[Listed]) -> None:
         self._messages = tuple(messages)
         self._deleted: set[int] = set()  # 0-based indexes
         self._total_octets = sum(m.size for m in self._messages)
@@ -37,7 +48,7 @@ class Maildrop:
     def __len__(self) -> int:
         return len(self._messages)
 
-    def lookup(self, msg_num: int) -> MessageInfo | Lookup:
+    def lookup(self, msg_num: int) -> Listed | Lookup:
         if not 1 <= msg_num <= len(self._messages):
             return Lookup.NO_SUCH_MESSAGE
         if msg_num - 1 in self._deleted:
@@ -48,14 +59,14 @@ class Maildrop:
         """(messages not marked deleted, their octets)."""
         return len(self._messages) - len(self._deleted), self._total_octets - self._deleted_octets
 
-    def live(self) -> list[tuple[int, MessageInfo]]:
+    def live(self) -> list[tuple[int, Listed]]:
         """(msg_num, info) of every message not marked deleted, in order."""
         deleted = self._deleted
         return [(i + 1, m) for i, m in enumerate(self._messages) if i not in deleted]
 
-    def mark_deleted(self, msg_num: int) -> MessageInfo | Lookup:
+    def mark_deleted(self, msg_num: int) -> Listed | Lookup:
         found = self.lookup(msg_num)
-        if isinstance(found, MessageInfo):
+        if not isinstance(found, Lookup):
             self._deleted.add(msg_num - 1)
             self._deleted_octets += found.size
         return found

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from typing import Final, assert_never
 
 from gateway.proto.logins import ApopLogin, Login, PasswordLogin
-from gateway.proto.maildrop import Lookup, Maildrop, MessageInfo
+from gateway.proto.maildrop import Listed, Lookup, Maildrop
 
 CRLF: Final = b"\r\n"
 
@@ -533,7 +533,7 @@ class Connection:
             case List(msg_num):
                 assert md is not None and msg_num is not None
                 found = md.lookup(msg_num)
-                if not isinstance(found, MessageInfo):
+                if isinstance(found, Lookup):
                     return Reply(_lookup_err(found))
                 return Reply(ok(f"{msg_num} {found.size}"))
             case Uidl(None):
@@ -544,25 +544,25 @@ class Connection:
             case Uidl(msg_num):
                 assert md is not None and msg_num is not None
                 found = md.lookup(msg_num)
-                if not isinstance(found, MessageInfo):
+                if isinstance(found, Lookup):
                     return Reply(_lookup_err(found))
                 return Reply(ok(f"{msg_num} {found.uidl}"))
             case Retr(msg_num):
                 assert md is not None
                 found = md.lookup(msg_num)
-                if not isinstance(found, MessageInfo):
+                if isinstance(found, Lookup):
                     return Reply(_lookup_err(found))
                 return Fetch(msg_num, msg_num - 1, None, found.size, ok(f"{found.size} octets"))
             case Top(msg_num, lines):
                 assert md is not None
                 found = md.lookup(msg_num)
-                if not isinstance(found, MessageInfo):
+                if isinstance(found, Lookup):
                     return Reply(_lookup_err(found))
                 return Fetch(msg_num, msg_num - 1, lines, found.size, ok("Top of message follows"))
             case Dele(msg_num):
                 assert md is not None
                 found = md.mark_deleted(msg_num)
-                if not isinstance(found, MessageInfo):
+                if isinstance(found, Lookup):
                     return Reply(_lookup_err(found))
                 return Reply(ok(f"Message {msg_num} deleted"))
             case Rset():
@@ -658,7 +658,7 @@ class Connection:
             case _:
                 assert_never(step)
 
-    def auth_succeeded(self, messages: Sequence[MessageInfo], username: str) -> bytes:
+    def auth_succeeded(self, messages: Sequence[Listed], username: str) -> bytes:
         self._expect_waiting(State.AUTHORIZATION)
         self._waiting = False
         self.maildrop = Maildrop(messages)
