@@ -45,6 +45,9 @@ class SessionResult:
     retr_digest: str
     listing_digest: str  # LIST and UIDL bodies
     retr_sizes: list[int]
+    # per listing command (b"LIST", b"UIDL"): the digest of its body, and the body's line count
+    listing_digests: dict[bytes, str]
+    listing_lines: dict[bytes, int]
 
 
 def list_uidl_retr(count: int) -> list[Command]:
@@ -57,6 +60,10 @@ def list_uidl_retr(count: int) -> list[Command]:
 
 def retr_all(count: int) -> list[Command]:
     return [Command(b"RETR %d" % n, True) for n in range(1, count + 1)]
+
+
+def uidl_only() -> list[Command]:
+    return [Command(b"UIDL", True)]
 
 
 class Client:
@@ -130,6 +137,8 @@ class Client:
         buf = self._buf
         retr = hashlib.blake2b(digest_size=16)
         listing = hashlib.blake2b(digest_size=16)
+        per_command: dict[bytes, hashlib.blake2b] = {}
+        lines: dict[bytes, int] = {}
         sizes: list[int] = []
         pos = start
         for c in [*commands, Command(b"QUIT", False)]:
@@ -146,6 +155,9 @@ class Client:
                 else:
                     listing.update(c.line + b"\0")
                     listing.update(body)
+                    per_command.setdefault(c.line, hashlib.blake2b(digest_size=16)).update(body)
+                    # CRLFs from the status line up to the terminating dot, less the status line's
+                    lines[c.line] = lines.get(c.line, 0) + buf.count(b"\r\n", pos, end - 3) - 1
             pos = end
         if pos != stop:
             raise Pop3Error(f"unexpected bytes after QUIT: {bytes(buf[pos : pos + 200])!r}")
@@ -158,6 +170,8 @@ class Client:
             retr_digest=retr.hexdigest(),
             listing_digest=listing.hexdigest(),
             retr_sizes=sizes,
+            listing_digests={k: h.hexdigest() for k, h in per_command.items()},
+            listing_lines=lines,
         )
 
 

@@ -20,6 +20,13 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 _LISTENING = re.compile(r"listening on (\S+):(\d+) \(tls=none\)")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The admin HTTP endpoint (/healthz, /metrics) listens on a fixed port by default, so a second gateway
+# process would fail to start; the benchmark does not use it.
+_ADMIN_FIELD = re.compile(r"^\s+admin: ", re.MULTILINE)
+_ADMIN_OFF = """
+[admin]
+address = ""
+"""
 
 
 @dataclass
@@ -71,12 +78,20 @@ class GatewayProcess:
 
 
 def start_gateway(
-    root: Path, imap_host: str, imap_port: int, *, log_level: str = "info", source: Path | None = None
+    root: Path, upstream_url: str, *, log_level: str = "info", source: Path | None = None
 ) -> GatewayProcess:
-    """Start the gateway on `imap_host:imap_port`; `source` is a folder holding another `gateway` package."""
+    """Start the gateway on `upstream_url` (imap://H:P, jmap+http://H:P/); its config and state live in
+    `root`. `source` is a folder holding another `gateway` package."""
     root.mkdir(parents=True, exist_ok=True)
     state = root / "state"
     state.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    cwd = Path(__file__).resolve().parent.parent
+    if source is not None:
+        cwd = source.resolve()
+        if not (cwd / "gateway" / "__main__.py").exists():
+            raise RuntimeError(f"no gateway package in {cwd}")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
     config = root / "gateway.toml"
     config.write_text(
         f"""\
@@ -88,20 +103,14 @@ shutdown_grace = 2
 address = "127.0.0.1:0"
 
 [upstream]
-url = "imap://{imap_host}:{imap_port}"
+url = "{upstream_url}"
 
 [log]
 level = "{log_level}"
 """
+        + (_ADMIN_OFF if _has_admin_section(cwd) else "")
     )
     log_file = root / "gateway.log"
-    env = dict(os.environ)
-    cwd = Path(__file__).resolve().parent.parent
-    if source is not None:
-        cwd = source.resolve()
-        if not (cwd / "gateway" / "__main__.py").exists():
-            raise RuntimeError(f"no gateway package in {cwd}")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
     with log_file.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
@@ -128,6 +137,15 @@ level = "{log_level}"
     except BaseException:
         gateway.stop()
         raise
+
+
+def _has_admin_section(checkout: Path) -> bool:
+    """Whether this gateway build has the `[admin]` config section (older builds reject unknown keys)."""
+    try:
+        text = (checkout / "gateway" / "config.py").read_text()
+    except OSError:
+        return False
+    return _ADMIN_FIELD.search(text) is not None
 
 
 def _tail(path: Path, lines: int = 30) -> str:

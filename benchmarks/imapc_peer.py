@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.realservers.dovecot import MAX_BASE_DIR_LEN, Dovecot, _free_ports
+from tests.realservers.dovecot import MAX_BASE_DIR_LEN, Dovecot
 from tests.realservers.fs import check_searchable, require_program, tail, vmail_ids
+from tests.realservers.rawimap import free_ports
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
@@ -78,7 +79,7 @@ def start_imapc_peer(root: Path, upstream: Dovecot) -> ImapcPeer:
 
     last_error = ""
     for _attempt in range(3):
-        (port,) = _free_ports(1)
+        (port,) = free_ports(1)
         peer = ImapcPeer(root, upstream.host, port)
         peer.conf.write_text(_config(peer, upstream, uid, gid))
         with (root / "log" / "stdio.log").open("ab") as stdio:

@@ -43,12 +43,15 @@ class Profile:
         return self.samples / (RATE * self.seconds) if self.seconds else 0.0
 
 
-def record(py_spy: str, pid: int, out_stem: Path, work: Callable[[], None]) -> Profile:
-    """Run `work()` twice, once under a flame-graph recording and once under a raw one; summarise the raw."""
+def record(py_spy: str, pid: int | Callable[[], int], out_stem: Path, work: Callable[[], None]) -> Profile:
+    """Run `work()` twice, once under a flame-graph recording and once under a raw one; summarise the raw.
+
+    `pid` may be a function that starts a fresh process and returns its pid: it is called before each
+    recording, so both see the same one-time work (a first login that assigns every UIDL, say)."""
     svg = out_stem.with_suffix(".svg")
     raw = out_stem.with_suffix(".txt")
-    _run_recording(py_spy, pid, svg, "flamegraph", work)
-    seconds = _run_recording(py_spy, pid, raw, "raw", work)
+    _run_recording(py_spy, pid if isinstance(pid, int) else pid(), svg, "flamegraph", work)
+    seconds = _run_recording(py_spy, pid if isinstance(pid, int) else pid(), raw, "raw", work)
     return summarise(raw, seconds)
 
 
@@ -119,7 +122,7 @@ def _short(frame: str) -> str:
 
 def format_profile(name: str, prof: Profile) -> str:
     lines = [
-        f"py-spy profile of the gateway, workload {name}: {prof.samples} samples in {prof.seconds:.2f} s "
+        f"py-spy profile of {name}: {prof.samples} samples in {prof.seconds:.2f} s "
         f"(gateway on CPU ~{prof.busy:.0%} of the wall time)",
         "  self (top of stack):",
     ]

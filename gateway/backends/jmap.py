@@ -46,6 +46,7 @@ import httpx
 import trio
 
 from gateway import __version__, accounts
+from gateway.backends import httpnet
 from gateway.backends.base import (
     ApopLogin,
     AuthFailed,
@@ -159,11 +160,13 @@ class _Api:
     def __init__(self, settings: JmapSettings, transport: httpx.AsyncBaseTransport | None) -> None:
         self.settings = settings
         timeout = httpx.Timeout(settings.timeout, connect=min(settings.timeout, 15.0))
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30)
+        verify = client_tls_context(settings)
         self.client = httpx.AsyncClient(
-            verify=client_tls_context(settings),
+            verify=verify,
             timeout=timeout,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30),
-            transport=transport,
+            limits=limits,
+            transport=transport if transport is not None else httpnet.transport(verify, limits),
             trust_env=False,  # no proxies or netrc credentials from the environment
             follow_redirects=False,
             headers={"User-Agent": f"pop3-gateway/{__version__}"},
