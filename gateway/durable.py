@@ -131,17 +131,13 @@ async def attach(
         result.gone,
         result.rematched,
     )
-    ordered = [
-        Entry(
-            entries[i].upstream_id,
-            entries[i].size,
-            result.uidls[i],
-            entries[i].key,
-            entries[i].uid,
-            entries[i].uidvalidity,
-        )
-        for i in result.order
-    ]
+    uidls = result.uidls
+    if result.order == tuple(range(len(entries))) and all(
+        e.uidl == u for e, u in zip(entries, uidls, strict=True)
+    ):
+        ordered = entries  # the usual case on IMAP: the store kept the backend's own UIDLs, in its order
+    else:
+        ordered = [entries[i]._replace(uidl=uidls[i]) for i in result.order]
     wrapped = DurableMaildrop(drop, store, name, result.order, ordered)
     wrapped.drift = {
         "uidl_hash": result.list_hash[:16],

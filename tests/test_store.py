@@ -249,3 +249,11 @@ def test_an_unchanged_snapshot_is_answered_without_reading_the_rows_again(tmp_pa
     s.mark_deleted("mb", ["a"])
     assert s.assign("mb", "acct", items(("b", 2), ("c", 3)), "native").uidls == ("OLD-B", "n-c")
     s.close()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=80))
+def test_uidl_validity_check_is_exactly_rfc1939(text: str) -> None:
+    import re
+
+    assert rules.is_valid(text) == (re.fullmatch(r"[\x21-\x7e]{1,70}", text) is not None)

@@ -22,10 +22,9 @@ Rules every backend keeps:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gateway.proto.logins import ApopLogin, Login, PasswordLogin
 
@@ -46,8 +45,10 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """One message of a snapshot. A NamedTuple, not a dataclass: a 100,000-message snapshot builds
+    100,000 of them at every login, and a tuple is several times cheaper to make."""
+
     upstream_id: str
     size: int
     uidl: str  # the backend's proposal (the "native" UIDL format); the UIDL store has the last word

@@ -646,14 +646,17 @@ class ImapBackend:
         rows = sorted(dict(rows).items())
         fix_key = self.lock_key(user)
         fixes = self._size_fixes
+        # This runs for every message at every login: the constant parts are formatted once.
+        suffix = f"{uidvalidity:08x}"
+        key_prefix = f"u:{uidvalidity}:"
         entries = [
             Entry(
                 str(uid),
-                fixes.get((fix_key, uidvalidity, uid), size),
-                dovecot_uidl(uid, uidvalidity),
-                key=f"e:{emailids[uid]}" if uid in emailids else f"u:{uidvalidity}:{uid}",
-                uid=uid,
-                uidvalidity=uidvalidity,
+                fixes.get((fix_key, uidvalidity, uid), size) if fixes else size,
+                f"{uid:08x}{suffix}",  # dovecot_uidl(uid, uidvalidity)
+                f"e:{emailids[uid]}" if uid in emailids else key_prefix + str(uid),
+                uid,
+                uidvalidity,
             )
             for uid, size in rows
         ]

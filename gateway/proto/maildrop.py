@@ -62,6 +62,8 @@ class Maildrop:
     def live(self) -> list[tuple[int, Listed]]:
         """(msg_num, info) of every message not marked deleted, in order."""
         deleted = self._deleted
+        if not deleted:
+            return list(enumerate(self._messages, 1))
         return [(i + 1, m) for i, m in enumerate(self._messages) if i not in deleted]
 
     def mark_deleted(self, msg_num: int) -> Listed | Lookup:

@@ -24,7 +24,6 @@ from typing import Final
 
 FORMATS: Final = ("native", "dovecot", "uidvalidity-uid", "gmail", "hash")
 MAX_UIDL: Final = 70
-_VALID = re.compile(r"[\x21-\x7e]{1,70}")
 VOLATILE_HEADERS: Final = frozenset(
     h.lower()
     for h in (
@@ -45,7 +44,8 @@ MAX_HASHED_BODY: Final = 1024 * 1024
 
 
 def is_valid(uidl: str) -> bool:
-    return _VALID.fullmatch(uidl) is not None
+    """1 to 70 characters in 0x21..0x7E (string methods: faster than the regex, same answer)."""
+    return 0 < len(uidl) <= MAX_UIDL and uidl.isascii() and uidl.isprintable() and " " not in uidl
 
 
 def _sha1(text: str) -> str:
