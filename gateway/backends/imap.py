@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -59,6 +60,7 @@ LOGOUT_SECONDS = 2.0
 MAX_USERNAME_OCTETS = 256
 MAX_PASSWORD_OCTETS = 1024
 MAX_SIZE_FIXES = 100_000
+ENTRIES_CACHE_MESSAGES = 500_000  # snapshot entries kept for the next login (~100 B each)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -561,6 +563,10 @@ class ImapBackend:
         self.settings = settings
         self._tls = client_tls_context(settings) if settings.tls != "none" else None
         self._size_fixes: dict[tuple[str, int, int], int] = {}
+        # per mailbox: (uidvalidity etc., the snapshot's (uid, size) rows, its entries); LRU, bounded
+        self._entries_cache: collections.OrderedDict[
+            str, tuple[tuple[int, int, tuple[tuple[int, str], ...]], list[tuple[int, int]], list[Entry]]
+        ] = collections.OrderedDict()
 
     def lock_key(self, username: str) -> str:
         s = self.settings
@@ -646,6 +652,14 @@ class ImapBackend:
         rows = sorted(dict(rows).items())
         fix_key = self.lock_key(user)
         fixes = self._size_fixes
+        uids = [uid for uid, _ in rows]
+        # The same mailbox as last time (same UIDs and sizes, UIDVALIDITY, no new size correction): the
+        # entries are the same tuples, and 100,000 of them need not be built again.
+        fingerprint = (uidvalidity, len(fixes), tuple(sorted(emailids.items())))
+        cached = self._entries_cache.get(fix_key)
+        if cached is not None and cached[0] == fingerprint and cached[1] == rows:
+            self._entries_cache.move_to_end(fix_key)
+            return ImapMaildrop(conn, self.settings, cached[2], uids, fixes, fix_key)
         # This runs for every message at every login: the constant parts are formatted once.
         suffix = f"{uidvalidity:08x}"
         key_prefix = f"u:{uidvalidity}:"
@@ -660,7 +674,12 @@ class ImapBackend:
             )
             for uid, size in rows
         ]
-        return ImapMaildrop(conn, self.settings, entries, [uid for uid, _ in rows], fixes, fix_key)
+        self._entries_cache[fix_key] = (fingerprint, rows, entries)
+        cached_messages = sum(len(c[2]) for c in self._entries_cache.values())
+        while cached_messages > ENTRIES_CACHE_MESSAGES and len(self._entries_cache) > 1:
+            _, (_, _, dropped) = self._entries_cache.popitem(last=False)
+            cached_messages -= len(dropped)
+        return ImapMaildrop(conn, self.settings, entries, uids, fixes, fix_key)
 
     async def aclose(self) -> None:
         pass

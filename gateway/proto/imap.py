@@ -341,9 +341,9 @@ _LITERAL_RE = re.compile(rb"~?\{([0-9]{1,20})\+?\}")
 # plus bracketed sections that may hold spaces and parens: BODY[HEADER.FIELDS (FROM)]<0>.
 _ATOM_RE = re.compile(rb"(?:[!#-'*-Z\\\]-z|-~]++|\[[ -\\\^-~]*+\])++")
 _TAGGED_RE = re.compile(rb"([^\x00-\x20\x7f-\xff(){%*\"\\+]+) (OK|NO|BAD)(?: |\Z)", re.IGNORECASE)
-_SIZE_FETCH_RE = re.compile(
-    rb"\* ([1-9][0-9]{0,9}) FETCH \(UID ([1-9][0-9]{0,9}) RFC822\.SIZE ([0-9]{1,15})\)\r?\n"
-)
+_SIZE_LINE = rb"\* ([1-9][0-9]{0,9}) FETCH \(UID ([1-9][0-9]{0,9}) RFC822\.SIZE ([0-9]{1,15})\)\r?\n"
+_SIZE_FETCH_RE = re.compile(_SIZE_LINE)
+_SIZE_FETCH_RUN_RE = re.compile(rb"(?:" + _SIZE_LINE.replace(b"([", b"[").replace(b"})", b"}") + rb")+")
 _UNTAGGED_RE = re.compile(rb"(?:(0|[1-9][0-9]{0,19}) )?([A-Za-z][A-Za-z0-9._-]*)(?: |\Z)")
 _CODE_RE = re.compile(rb"([A-Za-z0-9][A-Za-z0-9._-]*)(?: (.*))?", re.DOTALL)
 _BODY_ITEM_RE = re.compile(r"(?:BODY|BINARY)(?:\.PEEK)?\[.*|RFC822(?:\.TEXT|\.HEADER)?", re.DOTALL)
@@ -732,15 +732,14 @@ class ResponseParser:
         turned into ``Fetch`` events one by one. Returns [] when the next response is anything else."""
         if self._read is not _Read.LINE or self._partial is not None or self._events:
             return []
-        out: list[tuple[int, int, int]] = []
-        match = _SIZE_FETCH_RE.match
-        buf, pos = self._buf, self._pos
-        while (m := match(buf, pos)) is not None:
-            out.append((int(m[1]), int(m[2]), int(m[3])))
-            pos = m.end()
-        self._pos = pos
-        self._scan = max(self._scan, pos)
-        return out
+        buf, start = self._buf, self._pos
+        run = _SIZE_FETCH_RUN_RE.match(buf, start)
+        if run is None:
+            return []
+        end = run.end()
+        self._pos = end
+        self._scan = max(self._scan, end)
+        return [(int(n), int(u), int(z)) for n, u, z in _SIZE_FETCH_RE.findall(buf, start, end)]
 
     def _step(self) -> Event | NeedData | None:
         """Make progress; None means events may have been queued, call again."""
