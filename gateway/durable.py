@@ -93,13 +93,16 @@ async def attach(
 ) -> DurableMaildrop:
     """Give the snapshot durable UIDLs (one store transaction) and return the wrapped maildrop."""
     entries = list(drop.entries)
-    items = [Item(e.stable_key, e.size, e.uidl, e.uid, e.uidvalidity) for e in entries]
-    by_key = {e.stable_key: i for i, e in enumerate(entries)}
+    keys = tuple([e.key or e.upstream_id for e in entries])
     try:
-        first = await store.assign_or_plan(name, account, items, fmt)
+        # The usual login: the same snapshot as last time, answered from the store's memory.
+        cached = await store.cached(name, keys)
+        items = [] if cached else [Item(e.stable_key, e.size, e.uidl, e.uid, e.uidvalidity) for e in entries]
+        first = cached or await store.assign_or_plan(name, account, items, fmt)
         if isinstance(first, Assignment):
             result, renumbered = first, False
         else:
+            by_key = {k: i for i, k in enumerate(keys)}
             prints: dict[str, tuple[str | None, str | None]] = {}
             batch = getattr(drop, "header_hashes", None)
             if batch is not None:  # one round trip for all of them (IMAP)

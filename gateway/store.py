@@ -248,16 +248,8 @@ class UidlStore:
         plan_first: bool,
     ) -> Assignment | Plan:
         keys = tuple(i.key for i in items)
-        cached = self._cache.get(name)
-        if (
-            cached is not None
-            and not fingerprints
-            and cached[1] == keys
-            and cached[0] == self._data_version()
-        ):
-            # The same snapshot as this mailbox's last session, and nobody else wrote the store since:
-            # the answer cannot differ, and 100,000 rows need not be read again.
-            return cached[2]
+        if not fingerprints and (hit := self.cached(name, keys)) is not None:
+            return hit
         with self._transaction():
             mailbox_id = self._mailbox(name, account)
             rows = self._rows(mailbox_id)
@@ -327,6 +319,14 @@ class UidlStore:
         )
         self._cache[name] = (self._data_version(), keys, unchanged)
         return result
+
+    def cached(self, name: str, keys: tuple[str, ...]) -> Assignment | None:
+        """The assignment of this mailbox's last session if its snapshot had exactly ``keys`` and nobody
+        else wrote the store since: the answer cannot differ, and 100,000 rows need not be read again."""
+        hit = self._cache.get(name)
+        if hit is not None and hit[1] == keys and hit[0] == self._data_version():
+            return hit[2]
+        return None
 
     def _data_version(self) -> int:
         """Changes whenever another connection (another process: `uidl import`) commits to the file."""
@@ -481,6 +481,9 @@ class AsyncUidlStore:
 
     async def plan(self, name: str, items: Sequence[Item]) -> Plan:
         return await self._run(lambda: self._s().plan(name, items), op="plan")
+
+    async def cached(self, name: str, keys: tuple[str, ...]) -> Assignment | None:
+        return await self._run(lambda: self._s().cached(name, keys), op="plan")
 
     async def need_body(
         self, name: str, items: Sequence[Item], prints: dict[str, tuple[str | None, str | None]]

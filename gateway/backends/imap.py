@@ -301,7 +301,7 @@ class ImapConnection:
             tag, data = self.client.send_command("UID FETCH", imap.Atom("1:*"), imap.Raw(items))
             await self.stream.send_all(data)
             while True:
-                rows.extend((uid, size) for _, uid, size in self.client.next_size_fetches())
+                rows.extend(self.client.next_size_fetches())
                 event = self.client.next_event()
                 if isinstance(event, imap.NeedData):
                     self.client.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))

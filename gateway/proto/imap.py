@@ -341,7 +341,7 @@ _LITERAL_RE = re.compile(rb"~?\{([0-9]{1,20})\+?\}")
 # plus bracketed sections that may hold spaces and parens: BODY[HEADER.FIELDS (FROM)]<0>.
 _ATOM_RE = re.compile(rb"(?:[!#-'*-Z\\\]-z|-~]++|\[[ -\\\^-~]*+\])++")
 _TAGGED_RE = re.compile(rb"([^\x00-\x20\x7f-\xff(){%*\"\\+]+) (OK|NO|BAD)(?: |\Z)", re.IGNORECASE)
-_SIZE_LINE = rb"\* ([1-9][0-9]{0,9}) FETCH \(UID ([1-9][0-9]{0,9}) RFC822\.SIZE ([0-9]{1,15})\)\r?\n"
+_SIZE_LINE = rb"\* [1-9][0-9]{0,9} FETCH \(UID ([1-9][0-9]{0,9}) RFC822\.SIZE ([0-9]{1,15})\)\r?\n"
 _SIZE_FETCH_RE = re.compile(_SIZE_LINE)
 _SIZE_FETCH_RUN_RE = re.compile(rb"(?:" + _SIZE_LINE.replace(b"([", b"[").replace(b"})", b"}") + rb")+")
 _UNTAGGED_RE = re.compile(rb"(?:(0|[1-9][0-9]{0,19}) )?([A-Za-z][A-Za-z0-9._-]*)(?: |\Z)")
@@ -726,9 +726,9 @@ class ResponseParser:
             self._events.clear()
             raise
 
-    def next_size_fetches(self) -> list[tuple[int, int, int]]:
+    def next_size_fetches(self) -> list[tuple[int, int]]:
         """A fast path for big snapshots: consume the complete ``* n FETCH (UID u RFC822.SIZE s)`` lines
-        at the front of the buffer and return their (n, u, s), exactly what ``next_event()`` would have
+        at the front of the buffer and return their (u, s), exactly what ``next_event()`` would have
         turned into ``Fetch`` events one by one. Returns [] when the next response is anything else."""
         if self._read is not _Read.LINE or self._partial is not None or self._events:
             return []
@@ -739,7 +739,7 @@ class ResponseParser:
         end = run.end()
         self._pos = end
         self._scan = max(self._scan, end)
-        return [(int(n), int(u), int(z)) for n, u, z in _SIZE_FETCH_RE.findall(buf, start, end)]
+        return [(int(u), int(z)) for u, z in _SIZE_FETCH_RE.findall(buf, start, end)]
 
     def _step(self) -> Event | NeedData | None:
         """Make progress; None means events may have been queued, call again."""
@@ -1016,7 +1016,7 @@ class Client:
                 raise
         return event
 
-    def next_size_fetches(self) -> list[tuple[int, int, int]]:
+    def next_size_fetches(self) -> list[tuple[int, int]]:
         """``ResponseParser.next_size_fetches`` (plain FETCH responses change no client state)."""
         if self._failed or self.state is State.AWAITING_GREETING:
             return []

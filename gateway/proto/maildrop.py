@@ -66,6 +66,15 @@ class Maildrop:
             return list(enumerate(self._messages, 1))
         return [(i + 1, m) for i, m in enumerate(self._messages) if i not in deleted]
 
+    def lines(self, field: str) -> list[str]:
+        """``"n value"`` for every message not marked deleted: LIST (``size``) and UIDL (``uidl``)."""
+        deleted = self._deleted
+        values: list[int] | list[str]
+        values = [m.size for m in self._messages] if field == "size" else [m.uidl for m in self._messages]
+        if not deleted:
+            return [f"{n} {v}" for n, v in enumerate(values, 1)]
+        return [f"{i + 1} {v}" for i, v in enumerate(values) if i not in deleted]
+
     def mark_deleted(self, msg_num: int) -> Listed | Lookup:
         found = self.lookup(msg_num)
         if not isinstance(found, Lookup):

@@ -525,11 +525,7 @@ class Connection:
             case List(None):
                 assert md is not None
                 count, octets = md.stat()
-                return Reply(
-                    multiline(
-                        ok(f"{count} messages ({octets} octets)"), [f"{n} {m.size}" for n, m in md.live()]
-                    )
-                )
+                return Reply(multiline(ok(f"{count} messages ({octets} octets)"), md.lines("size")))
             case List(msg_num):
                 assert md is not None and msg_num is not None
                 found = md.lookup(msg_num)
@@ -538,9 +534,7 @@ class Connection:
                 return Reply(ok(f"{msg_num} {found.size}"))
             case Uidl(None):
                 assert md is not None
-                return Reply(
-                    multiline(ok("Unique-ID listing follows"), [f"{n} {m.uidl}" for n, m in md.live()])
-                )
+                return Reply(multiline(ok("Unique-ID listing follows"), md.lines("uidl")))
             case Uidl(msg_num):
                 assert md is not None and msg_num is not None
                 found = md.lookup(msg_num)
