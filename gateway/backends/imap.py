@@ -32,6 +32,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 import trio
 
 from gateway import __version__
+from gateway.backends import tls
 from gateway.backends.base import (
     ApopLogin,
     AuthFailed,
@@ -91,12 +92,7 @@ class ImapSettings:
 
 
 def client_tls_context(settings: ImapSettings) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=settings.ca_file or None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if settings.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+    return tls.client_tls_context(settings.ca_file, settings.insecure)
 
 
 class _Broken(Exception):

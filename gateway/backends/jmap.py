@@ -46,7 +46,7 @@ import httpx
 import trio
 
 from gateway import __version__, accounts
-from gateway.backends import httpnet
+from gateway.backends import httpnet, tls
 from gateway.backends.base import (
     ApopLogin,
     AuthFailed,
@@ -141,12 +141,7 @@ class _Credentials:
 
 
 def client_tls_context(settings: JmapSettings) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=settings.ca_file or None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if settings.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+    return tls.client_tls_context(settings.ca_file, settings.insecure)
 
 
 def _jmap_failure(exc: jmap.JmapError, what: str) -> TempFailure | PermFailure:
