@@ -50,6 +50,7 @@ from gateway.backends import httpnet, tls
 from gateway.backends.base import (
     ApopLogin,
     AuthFailed,
+    BackendError,
     Entry,
     Login,
     MessageGone,
@@ -67,6 +68,11 @@ MAX_JSON_BYTES = 32 * 1024 * 1024  # one API response; pages keep real ones far 
 MAX_ERROR_BYTES = 64 * 1024
 DRAIN_LIMIT = 256 * 1024  # a TOP that stops early reads at most this much more to keep the connection
 DRAIN_SECONDS = 2.0
+READ_AHEAD_MAX_MESSAGE = 256 * 1024  # messages up to this size are read ahead, whole
+READ_AHEAD_BUDGET = 2 * 1024 * 1024
+READ_AHEAD_FIRST_WINDOW = 4
+READ_AHEAD_MAX_COUNT = 32
+READ_AHEAD_CONNECTIONS = 4
 DEFAULT_PAGE_SIZE = 1024
 MAX_PAGES_PER_REQUEST = 16
 SNAPSHOT_ATTEMPTS = 3
@@ -303,6 +309,8 @@ class JmapMaildrop:
         self._entries = [
             Entry(r.id, pop3_sizes.get((account, r.id), r.size), jmap.uidl_for(r.id)) for r in records
         ]
+        self._ahead: dict[int, bytes] = {}
+        self._window = READ_AHEAD_FIRST_WINDOW
 
     @property
     def entries(self) -> Sequence[Entry]:
@@ -314,7 +322,59 @@ class JmapMaildrop:
             self._backend._pop3_sizes, (self._view.account.id, self._records[index].id), octets
         )
 
+    async def _download_whole(self, index: int, into: dict[int, bytes]) -> None:
+        """Read-ahead of one small message: whole, exact, or not at all (the streaming path then runs and
+        reports whatever went wrong)."""
+        record = self._records[index]
+        expected = self._backend._blob_sizes.get((self._view.account.id, record.id), record.size)
+        url = jmap.download_url(self._view.session.download_url, self._view.account.id, record.blob_id)
+        try:
+            async with self._backend._api.send("GET", url, self._view.creds, accept="*/*") as body:
+                if body.response.status_code != 200:
+                    return
+                data = await body.read_capped(READ_AHEAD_MAX_MESSAGE, f"download of {record.id}")
+        except BackendError:
+            return
+        if len(data) == expected:
+            into[index] = data
+
+    async def _small_body(self, index: int) -> bytes | None:
+        """Clients fetch 1..n in order: small messages are downloaded a few at a time, concurrently, so the
+        per-request round trip is paid once per batch (bounded in count and octets)."""
+        if self._entries[index].size > READ_AHEAD_MAX_MESSAGE:
+            return None
+        body = self._ahead.pop(index, None)
+        if body is not None:
+            self._window = min(self._window * 2, READ_AHEAD_MAX_COUNT)
+            return body
+        self._ahead.clear()
+        batch = [index]
+        budget = READ_AHEAD_BUDGET - self._entries[index].size
+        for j in range(index + 1, len(self._entries)):
+            size = self._entries[j].size
+            if len(batch) >= self._window or size > READ_AHEAD_MAX_MESSAGE or size > budget:
+                break
+            batch.append(j)
+            budget -= size
+        limiter = trio.CapacityLimiter(READ_AHEAD_CONNECTIONS)
+
+        async def one(i: int) -> None:
+            async with limiter:
+                await self._download_whole(i, self._ahead)
+
+        async with trio.open_nursery() as nursery:
+            for i in batch:
+                nursery.start_soon(one, i)
+        return self._ahead.pop(index, None)
+
     async def stream(self, index: int, *, top_lines: int | None = None) -> AsyncGenerator[bytes, None]:
+        small = await self._small_body(index)
+        if small is not None:
+            for i in range(0, len(small), 65536):
+                yield small[i : i + 65536]
+            if top_lines is None and self._backend.settings.mark_seen:
+                await self._mark_seen(self._records[index].id)
+            return
         record = self._records[index]
         account = self._view.account.id
         key = (account, record.id)
@@ -353,10 +413,14 @@ class JmapMaildrop:
             # Without a Content-Length a cut connection looks like a clean end: never pretend it is one.
             raise TempFailure(f"{record.id}: {got} of {expected} bytes arrived and no length was declared")
         if top_lines is None and self._backend.settings.mark_seen:
-            try:
-                await self._set([record.id], lambda req, ids: jmap.email_set_seen(req, account, ids))
-            except (TempFailure, PermFailure) as exc:
-                log.warning("could not mark %s $seen: %s", record.id, exc)
+            await self._mark_seen(record.id)
+
+    async def _mark_seen(self, email_id: str) -> None:
+        account = self._view.account.id
+        try:
+            await self._set([email_id], lambda req, ids: jmap.email_set_seen(req, account, ids))
+        except (TempFailure, PermFailure) as exc:
+            log.warning("could not mark %s $seen: %s", email_id, exc)
 
     async def apply_deletions(self, indexes: Sequence[int]) -> None:
         if not indexes:
