@@ -44,13 +44,13 @@ from gateway.backends.base import (
     SizeChanged,
     TempFailure,
 )
+from gateway.backends.readahead import ReadAhead, chunks
 from gateway.proto import imap
 from gateway.proto import uidl as rules
 
 log = logging.getLogger("gateway.imap")
 
 READ_SIZE = 256 * 1024
-CHUNK = 64 * 1024
 PREFETCH_MAX_MESSAGE = 256 * 1024
 PREFETCH_BUDGET = 2 * 1024 * 1024
 PREFETCH_FIRST_WINDOW = 8
@@ -405,34 +405,28 @@ class ImapMaildrop:
         self._uids = uids
         self._fixes = fixes  # the backend's size corrections, shared by all sessions
         self._fix_key = fix_key
-        # Read-ahead of small messages: clients fetch 1..n in order, and one UID FETCH for many small
-        # messages saves a round trip each. Bounded in count and octets; never with mark_seen (BODY[]
-        # would flag messages the client has not retrieved).
-        self._ahead: dict[int, bytes] = {}
-        self._window = PREFETCH_FIRST_WINDOW
+        # Read-ahead of small messages: one UID FETCH for many saves a round trip each. Never with
+        # mark_seen (BODY[] would flag messages the client has not retrieved).
+        self._ahead = ReadAhead(
+            [e.size for e in entries],
+            max_message=PREFETCH_MAX_MESSAGE,
+            budget=PREFETCH_BUDGET,
+            first_window=PREFETCH_FIRST_WINDOW,
+            max_count=PREFETCH_MAX_COUNT,
+        )
 
     async def _small_body(self, index: int) -> bytes | None:
-        if self.settings.mark_seen or self._entries[index].size > PREFETCH_MAX_MESSAGE:
+        if self.settings.mark_seen or not self._ahead.eligible(index):
             return None
-        body = self._ahead.pop(index, None)
+        body = self._ahead.take(index)
         if body is not None:
-            self._window = min(self._window * 2, PREFETCH_MAX_COUNT)
             return body
-        self._ahead.clear()
-        batch = [index]
-        budget = PREFETCH_BUDGET - self._entries[index].size
-        for j in range(index + 1, len(self._entries)):
-            size = self._entries[j].size
-            if len(batch) >= self._window or size > PREFETCH_MAX_MESSAGE or size > budget:
-                break
-            batch.append(j)
-            budget -= size
-        by_uid = {self._uids[i]: i for i in batch}
+        by_uid = {self._uids[i]: i for i in self._ahead.batch(index)}
         bodies = await self.conn.fetch_small_bodies(list(by_uid), PREFETCH_MAX_MESSAGE)
         for uid, raw in bodies.items():
             if uid in by_uid:
-                self._ahead[by_uid[uid]] = raw
-        return self._ahead.pop(index, None)
+                self._ahead.put(by_uid[uid], raw)
+        return self._ahead.take(index)
 
     def note_size(self, index: int, octets: int) -> None:
         """Remember the size RETR really sent, so later snapshots list it (RFC822.SIZE was wrong)."""
@@ -454,8 +448,8 @@ class ImapMaildrop:
                 log.warning("size mismatch upstream: %s; later sessions list the true size", exc)
                 self.note_size(index, exc.actual)
                 raise exc
-            for i in range(0, len(small), CHUNK):
-                yield small[i : i + CHUNK]
+            for piece in chunks(small):
+                yield piece
             return
         if top_lines is None:
             section = "BODY[]" if self.settings.mark_seen else "BODY.PEEK[]"

@@ -58,6 +58,7 @@ from gateway.backends.base import (
     SizeChanged,
     TempFailure,
 )
+from gateway.backends.readahead import ReadAhead, chunks
 from gateway.proto import jmap
 
 log = logging.getLogger("gateway.jmap")
@@ -309,8 +310,13 @@ class JmapMaildrop:
         self._entries = [
             Entry(r.id, pop3_sizes.get((account, r.id), r.size), jmap.uidl_for(r.id)) for r in records
         ]
-        self._ahead: dict[int, bytes] = {}
-        self._window = READ_AHEAD_FIRST_WINDOW
+        self._ahead = ReadAhead(
+            [e.size for e in self._entries],
+            max_message=READ_AHEAD_MAX_MESSAGE,
+            budget=READ_AHEAD_BUDGET,
+            first_window=READ_AHEAD_FIRST_WINDOW,
+            max_count=READ_AHEAD_MAX_COUNT,
+        )
 
     @property
     def entries(self) -> Sequence[Entry]:
@@ -322,7 +328,7 @@ class JmapMaildrop:
             self._backend._pop3_sizes, (self._view.account.id, self._records[index].id), octets
         )
 
-    async def _download_whole(self, index: int, into: dict[int, bytes]) -> None:
+    async def _download_whole(self, index: int) -> None:
         """Read-ahead of one small message: whole, exact, or not at all (the streaming path then runs and
         reports whatever went wrong)."""
         record = self._records[index]
@@ -336,42 +342,32 @@ class JmapMaildrop:
         except BackendError:
             return
         if len(data) == expected:
-            into[index] = data
+            self._ahead.put(index, data)
 
     async def _small_body(self, index: int) -> bytes | None:
-        """Clients fetch 1..n in order: small messages are downloaded a few at a time, concurrently, so the
-        per-request round trip is paid once per batch (bounded in count and octets)."""
-        if self._entries[index].size > READ_AHEAD_MAX_MESSAGE:
+        """Small messages are downloaded a few at a time, concurrently, so the per-request round trip is
+        paid once per batch."""
+        if not self._ahead.eligible(index):
             return None
-        body = self._ahead.pop(index, None)
+        body = self._ahead.take(index)
         if body is not None:
-            self._window = min(self._window * 2, READ_AHEAD_MAX_COUNT)
             return body
-        self._ahead.clear()
-        batch = [index]
-        budget = READ_AHEAD_BUDGET - self._entries[index].size
-        for j in range(index + 1, len(self._entries)):
-            size = self._entries[j].size
-            if len(batch) >= self._window or size > READ_AHEAD_MAX_MESSAGE or size > budget:
-                break
-            batch.append(j)
-            budget -= size
         limiter = trio.CapacityLimiter(READ_AHEAD_CONNECTIONS)
 
         async def one(i: int) -> None:
             async with limiter:
-                await self._download_whole(i, self._ahead)
+                await self._download_whole(i)
 
         async with trio.open_nursery() as nursery:
-            for i in batch:
+            for i in self._ahead.batch(index):
                 nursery.start_soon(one, i)
-        return self._ahead.pop(index, None)
+        return self._ahead.take(index)
 
     async def stream(self, index: int, *, top_lines: int | None = None) -> AsyncGenerator[bytes, None]:
         small = await self._small_body(index)
         if small is not None:
-            for i in range(0, len(small), 65536):
-                yield small[i : i + 65536]
+            for piece in chunks(small):
+                yield piece
             if top_lines is None and self._backend.settings.mark_seen:
                 await self._mark_seen(self._records[index].id)
             return
