@@ -39,7 +39,7 @@ from pathlib import Path
 
 from tests.realservers.fs import MissingProgram, check_searchable, require_program, tail
 from tests.realservers.rawimap import ImapConnection as _ImapConnection
-from tests.realservers.rawimap import appended_uids as _appended_uids
+from tests.realservers.rawimap import append_messages
 from tests.realservers.rawimap import free_ports as _free_ports
 from tests.realservers.rawimap import quote as _quote
 
@@ -50,8 +50,6 @@ PRIVATE_IMAPD = Path("/opt/pop3-gateway/cyrus-imapd/usr/lib/cyrus/bin/imapd")
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 CONFIG_SUBDIRS = ("db", "socket", "proc", "log", "msg", "user", "quota", "sync", "lock", "ptclient")
-APPEND_WINDOW = 64
-APPEND_WINDOW_BYTES = 1 << 20
 _SYSLOG_PRI = re.compile(rb"^<\d+>")
 MAX_OBJECTS_IN_GET = 100  # the server's maxObjectsInGet (Cyrus's default is 4096)
 RECEIVED_START = 1_704_067_200  # 2024-01-01T00:00:00Z: internal dates count up from here
@@ -115,24 +113,16 @@ class Cyrus:
 
         Another mailbox than INBOX is created first when missing (a top-level `INBOX.name` in Cyrus's
         default namespace is written `INBOX.name`; JMAP shows it as a child of the inbox named `name`)."""
-        uids: list[int] = []
-        with _ImapConnection.open(self.host, self.imap_port) as imap:
-            imap.command(f"LOGIN {_quote(user)} {_quote(password)}".encode())
-            if mailbox.upper() != "INBOX":
-                imap.command(f"CREATE {_quote(mailbox)}".encode(), allow_no=b"already exists")
-            box = _quote(mailbox).encode()
-            pending = 0
-            batch: list[bytes] = []
-            for message in messages:
-                date = _internaldate(self._next_received())
-                batch.append(imap.tagged(b'APPEND %s "%s" {%d+}\r\n%s' % (box, date, len(message), message)))
-                pending += len(message)
-                if len(batch) >= APPEND_WINDOW or pending >= APPEND_WINDOW_BYTES:
-                    uids += _appended_uids(imap, batch)
-                    batch, pending = [], 0
-            uids += _appended_uids(imap, batch)
-            imap.command(b"LOGOUT")
-        return uids
+        return append_messages(
+            self.host,
+            self.imap_port,
+            user,
+            password,
+            messages,
+            mailbox,
+            exists_marker=b"already exists",
+            date=lambda: _internaldate(self._next_received()),
+        )
 
     def _next_received(self) -> int:
         self._received += 1

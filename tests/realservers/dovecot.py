@@ -34,19 +34,14 @@ from tests.realservers.fs import (
     tail,
     vmail_ids,
 )
-from tests.realservers.rawimap import ImapConnection as _ImapConnection
-from tests.realservers.rawimap import appended_uids as _appended_uids
+from tests.realservers.rawimap import append_messages
 from tests.realservers.rawimap import free_ports as _free_ports
-from tests.realservers.rawimap import quote as _quote
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 # Unix sockets live under base_dir; sun_path holds 108 bytes and Dovecot's longest name adds ~35.
 MAX_BASE_DIR_LEN = 70
-# APPEND pipelining: flush after this many commands or bytes, then read the tagged replies.
-APPEND_WINDOW = 64
-APPEND_WINDOW_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -99,23 +94,9 @@ class Dovecot:
         self, user: str, password: str, messages: Sequence[bytes], mailbox: str = "INBOX"
     ) -> list[int]:
         """APPEND `messages` over IMAP, pipelined with LITERAL+; returns their UIDs (from APPENDUID)."""
-        uids: list[int] = []
-        with _ImapConnection.open(self.host, self.imap_port) as imap:
-            imap.command(f"LOGIN {_quote(user)} {_quote(password)}".encode())
-            if mailbox.upper() != "INBOX":
-                imap.command(f"CREATE {_quote(mailbox)}".encode(), allow_no=b"[ALREADYEXISTS]")
-            box = _quote(mailbox).encode()
-            pending = 0
-            batch: list[bytes] = []
-            for message in messages:
-                batch.append(imap.tagged(b"APPEND %s {%d+}\r\n%s" % (box, len(message), message)))
-                pending += len(message)
-                if len(batch) >= APPEND_WINDOW or pending >= APPEND_WINDOW_BYTES:
-                    uids += _appended_uids(imap, batch)
-                    batch, pending = [], 0
-            uids += _appended_uids(imap, batch)
-            imap.command(b"LOGOUT")
-        return uids
+        return append_messages(
+            self.host, self.imap_port, user, password, messages, mailbox, exists_marker=b"[ALREADYEXISTS]"
+        )
 
     def expunge_all(self, user: str) -> None:
         """Expunge every message in every mailbox of `user`."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 HOST = "127.0.0.1"
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]")
@@ -98,3 +98,42 @@ class ImapConnection:
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\r\n", 1)
         return line
+
+
+APPEND_WINDOW = 64  # pipelined APPENDs in flight before the tagged replies are read
+APPEND_WINDOW_BYTES = 1 << 20
+
+
+def append_messages(
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    messages: Sequence[bytes],
+    mailbox: str,
+    *,
+    exists_marker: bytes,
+    date: Callable[[], bytes] | None = None,
+) -> list[int]:
+    """APPEND ``messages`` over IMAP, pipelined with LITERAL+ and TCP_NODELAY; returns their UIDs.
+
+    A mailbox other than INBOX is created first (a NO containing ``exists_marker`` means it was there);
+    ``date``, if given, supplies each message's internal date."""
+    uids: list[int] = []
+    with ImapConnection.open(host, port) as imap:
+        imap.command(f"LOGIN {quote(user)} {quote(password)}".encode())
+        if mailbox.upper() != "INBOX":
+            imap.command(f"CREATE {quote(mailbox)}".encode(), allow_no=exists_marker)
+        box = quote(mailbox).encode()
+        pending = 0
+        batch: list[bytes] = []
+        for message in messages:
+            when = b' "%s"' % date() if date is not None else b""
+            batch.append(imap.tagged(b"APPEND %s%s {%d+}\r\n%s" % (box, when, len(message), message)))
+            pending += len(message)
+            if len(batch) >= APPEND_WINDOW or pending >= APPEND_WINDOW_BYTES:
+                uids += appended_uids(imap, batch)
+                batch, pending = [], 0
+        uids += appended_uids(imap, batch)
+        imap.command(b"LOGOUT")
+    return uids
