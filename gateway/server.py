@@ -553,7 +553,12 @@ class _Session:
                     case pop3.Commit(indexes):
                         await self.flush()
                         assert drop is not None
-                        self.out += await self._commit(drop, indexes)
+                        reply = await self._commit(drop, indexes)
+                        # Release the maildrop (upstream closed, [IN-USE] lock freed, fingerprints stored)
+                        # before the client hears +OK: a client that reconnects at once must get in.
+                        with trio.CancelScope(shield=True), trio.move_on_after(DELETE_SHIELD_SECONDS):
+                            await stack.aclose()
+                        self.out += reply
                         await self.flush()
                         return
                     case pop3.Close(reply):

@@ -70,6 +70,7 @@ class FakeBackend:
         self.login_delay = 0.0
         self.deletion_batches: list[list[str]] = []
         self.noted_sizes: dict[str, int] = {}
+        self.close_delay = 0.0
         self.open_drops = 0
 
     def lock_key(self, username: str) -> str:
@@ -91,6 +92,7 @@ class FakeBackend:
         try:
             yield FakeMaildrop(self, login.username)
         finally:
+            await trio.sleep(self.close_delay)  # an upstream LOGOUT takes a round trip
             self.open_drops -= 1
 
     async def aclose(self) -> None:

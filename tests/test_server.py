@@ -499,3 +499,16 @@ async def test_every_greeting_carries_a_unique_apop_timestamp(
         assert m is not None, greeting
         stamps.add(m.group(0))
     assert len(stamps) == 5
+
+
+async def test_a_client_reconnecting_right_after_quit_is_not_locked_out(nursery: trio.Nursery) -> None:
+    be = backend()
+    be.close_delay = 0.2  # a slow upstream logout must not keep the [IN-USE] lock past the QUIT reply
+    server = Server(config(), be)
+    [bound] = await nursery.start(server.serve)
+    for _ in range(3):
+        c = await Client.connect(bound)
+        assert (await c.login()).startswith(b"+OK Logged in")
+        assert (await c.cmd(b"QUIT")).startswith(b"+OK")
+        assert be.open_drops == 0  # the maildrop was closed before +OK was sent
+    server.drain()
