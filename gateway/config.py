@@ -65,6 +65,13 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = ()  # peers whose PROXY headers are believed
     max_auth_failures: int = 3
     implementation: str = "pop3-gateway"
+    max_unauthenticated: int = 0  # sessions not logged in yet at once; 0 = half of max_sessions
+    max_bad_commands: int = 20  # unknown or malformed commands before login, then the session is closed
+    apop: bool = True  # offer APOP (a greeting timestamp) where the account source can check it
+
+    @property
+    def unauthenticated_cap(self) -> int:
+        return self.max_unauthenticated or max(1, self.max_sessions // 2)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -281,6 +288,10 @@ def validate(config: Config, text: str = "") -> None:
         fail(("server", "max_sessions"), "must be >= 1")
     if s.max_auth_failures < 1:
         fail(("server", "max_auth_failures"), "must be >= 1")
+    if not 0 <= s.max_unauthenticated <= s.max_sessions:
+        fail(("server", "max_unauthenticated"), "must be within 0..max_sessions")
+    if s.max_bad_commands < 0:
+        fail(("server", "max_bad_commands"), "must be >= 0")
     if s.login_delay < 0:
         fail(("server", "login_delay"), "must be >= 0")
     if s.expire != "NEVER" and not s.expire.isdigit():

@@ -44,6 +44,7 @@ class Limit(enum.Enum):
     TOTAL = "total"
     PER_IP = "per-ip"
     PER_ACCOUNT = "per-account"
+    UNAUTHENTICATED = "unauthenticated"  # too many sessions that have not logged in yet
 
 
 def parse_ip(ip: str | IPAddress) -> IPAddress | None:

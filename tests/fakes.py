@@ -59,6 +59,7 @@ class FakeMaildrop:
 
 class FakeBackend:
     name = "fake"
+    supports_apop = True
 
     def __init__(self, users: dict[str, str], boxes: dict[str, dict[str, bytes]]) -> None:
         self.users = users

@@ -384,18 +384,26 @@ async def test_wrong_password_gives_auth(gateway: Gateway, user: MailUser) -> No
         await in_thread(lambda: pop3_session(gateway, bad, lambda p: p.stat()))
 
 
-async def test_apop_gives_auth(gateway: Gateway, user: MailUser) -> None:
-    def fn() -> str:
+async def test_apop_is_not_offered_and_refused_without_counting_as_a_guess(
+    gateway: Gateway, user: MailUser
+) -> None:
+    """JMAP needs the password itself: no APOP timestamp in the greeting (fdm and others switch to APOP
+    when they see one), and an APOP sent anyway is refused without reaching the upstream."""
+
+    def fn() -> tuple[bytes, str]:
         p = poplib.POP3(gateway.host, gateway.port, timeout=10)
         try:
-            p.apop(user.name, user.password)
-            return "accepted"
-        except poplib.error_proto as exc:
-            return str(exc)
+            welcome = p.getwelcome()
+            try:
+                return welcome, p._shortcmd(f"APOP {user.name} {'0' * 32}").decode()
+            except poplib.error_proto as exc:
+                return welcome, str(exc)
         finally:
             p.close()
 
-    assert "[AUTH]" in await in_thread(fn)
+    welcome, reply = await in_thread(fn)
+    assert b"<" not in welcome
+    assert reply.startswith("b'-ERR") and "APOP not available" in reply
 
 
 async def test_second_session_gets_in_use(gateway: Gateway, cyrus: Cyrus, user: MailUser) -> None:

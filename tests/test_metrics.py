@@ -41,6 +41,7 @@ def test_every_documented_series_is_exposed_from_the_start() -> None:
         "total",
         "per-ip",
         "per-account",
+        "unauthenticated",
     }
     assert found["pop3_gateway_build_info"] == [({"version": __version__}, 1.0)]
     assert all(v == 0 for _, v in found["pop3_gateway_logins_total"])

@@ -30,6 +30,7 @@ from gateway.proto.logins import ApopLogin, Login, PasswordLogin
 
 __all__ = [
     "ApopLogin",
+    "ApopUnavailable",
     "AuthFailed",
     "Backend",
     "BackendError",
@@ -67,6 +68,11 @@ class BackendError(Exception):
 
 class AuthFailed(BackendError):
     """Bad credentials, or a login method this backend cannot check (RFC 3206 [AUTH])."""
+
+
+class ApopUnavailable(AuthFailed):
+    """APOP for an account that has no APOP secret (or a backend that cannot check APOP): it can never
+    succeed, so the login gate does not count it as a guess."""
 
 
 class TempFailure(BackendError):
@@ -120,6 +126,7 @@ class Maildrop(Protocol):
 
 class Backend(Protocol):
     name: str
+    supports_apop: bool  # APOP can succeed for some account: only then does the greeting offer it
 
     def open_maildrop(self, login: Login) -> AbstractAsyncContextManager[Maildrop]:
         """Authenticate and snapshot. Raises AuthFailed, TempFailure, PermFailure or InUse on entry."""

@@ -35,6 +35,7 @@ from gateway import __version__
 from gateway.backends import tls
 from gateway.backends.base import (
     ApopLogin,
+    ApopUnavailable,
     AuthFailed,
     BackendError,
     Entry,
@@ -548,6 +549,7 @@ def dovecot_uidl(uid: int, uidvalidity: int) -> str:
 
 class ImapBackend:
     name = "imap"
+    supports_apop = False  # the upstream needs the password itself
 
     def __init__(self, settings: ImapSettings) -> None:
         self.settings = settings
@@ -565,7 +567,7 @@ class ImapBackend:
     @contextlib.asynccontextmanager
     async def open_maildrop(self, login: Login) -> AsyncIterator[ImapMaildrop]:
         if isinstance(login, ApopLogin):
-            raise AuthFailed("APOP cannot be passed through to IMAP")
+            raise ApopUnavailable("APOP cannot be passed through to IMAP")
         if (
             len(login.username.encode()) > MAX_USERNAME_OCTETS
             or len(login.password.encode()) > MAX_PASSWORD_OCTETS

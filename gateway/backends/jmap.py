@@ -49,6 +49,7 @@ from gateway import __version__, accounts
 from gateway.backends import httpnet, tls
 from gateway.backends.base import (
     ApopLogin,
+    ApopUnavailable,
     AuthFailed,
     BackendError,
     Entry,
@@ -487,6 +488,7 @@ class JmapMaildrop:
 
 class JmapBackend:
     name = "jmap"
+    supports_apop = False  # the upstream needs the password itself
 
     def __init__(self, settings: JmapSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         if settings.page_size < 1:
@@ -513,7 +515,7 @@ class JmapBackend:
     @contextlib.asynccontextmanager
     async def open_maildrop(self, login: Login) -> AsyncIterator[JmapMaildrop]:
         if isinstance(login, ApopLogin):
-            raise AuthFailed("APOP cannot be passed through to JMAP")
+            raise ApopUnavailable("APOP cannot be passed through to JMAP")
         user, password = login.username, login.password
         if len(user.encode()) > MAX_USERNAME_OCTETS or len(password.encode()) > MAX_PASSWORD_OCTETS:
             raise AuthFailed("credentials too long to pass through")

@@ -42,6 +42,7 @@ import trio
 from gateway import accounts
 from gateway.backends.base import (
     ApopLogin,
+    ApopUnavailable,
     AuthFailed,
     Backend,
     Entry,
@@ -310,6 +311,7 @@ class _MaildirMaildrop:
 
 class MaildirBackend:
     name: str = "maildir"
+    supports_apop: bool = True  # the users file may hold APOP secrets
 
     def __init__(self, root: Path, users_file: Path) -> None:
         self._root = Path(root)
@@ -373,7 +375,7 @@ class MaildirBackend:
                 if record is None:
                     raise AuthFailed(f"maildir: unknown user {login.username!r}")
                 if secret is None:
-                    raise AuthFailed(f"maildir: no APOP secret for {login.username!r}")
+                    raise ApopUnavailable(f"maildir: no APOP secret for {login.username!r}")
                 if not ok:
                     raise AuthFailed(f"maildir: wrong APOP digest for {login.username!r}")
             case _:

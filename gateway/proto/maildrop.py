@@ -37,13 +37,14 @@ class Lookup(enum.Enum):
 
 
 class Maildrop:
-    __slots__ = ("_deleted", "_deleted_octets", "_messages", "_total_octets")
+    __slots__ = ("_deleted", "_deleted_octets", "_messages", "_total_octets", "generation")
 
     def __init__(self, messages: Sequence[Listed]) -> None:
         self._messages = tuple(messages)
         self._deleted: set[int] = set()  # 0-based indexes
         self._total_octets = sum(m.size for m in self._messages)
         self._deleted_octets = 0
+        self.generation = 0  # changes whenever the marks do (a cached listing is valid while it stays)
 
     def __len__(self) -> int:
         return len(self._messages)
@@ -80,11 +81,18 @@ class Maildrop:
         if not isinstance(found, Lookup):
             self._deleted.add(msg_num - 1)
             self._deleted_octets += found.size
+            self.generation += 1
         return found
 
     def reset(self) -> None:
+        if self._deleted:
+            self.generation += 1
         self._deleted.clear()
         self._deleted_octets = 0
+
+    def frozen(self) -> tuple[tuple[Listed, ...], frozenset[int]]:
+        """The messages and the 0-based indexes marked deleted now, unaffected by later marks."""
+        return self._messages, frozenset(self._deleted)
 
     def commit_plan(self) -> tuple[int, ...]:
         """The 0-based indexes the UPDATE state deletes, in order."""
