@@ -404,8 +404,9 @@ async def _serve_signals(
                         serve_admin, admin.address, server.metrics, server.ready, settings=settings
                     )
                 )
-                for host, port in admin_bound:
-                    log.info("admin endpoint on http://%s:%d/ (healthz, readyz, metrics)", host, port)
+                for host, port in admin_bound:  # with port 0, the port the kernel picked
+                    shown = f"[{host}]" if ":" in host else host
+                    log.info("admin endpoint on http://%s:%d/ (healthz, readyz, metrics)", shown, port)
             if demo is not None:
                 user, password = demo
                 host, port = addresses[0].host, addresses[0].port

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import poplib
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.accounts import load_users, verify_password
@@ -165,3 +167,41 @@ def test_a_token_file_others_can_read_is_a_config_error_before_anything_listens(
         f"pop3-gateway: configuration error: admin.token_file: {token} is readable or writable by group "
         "or others (mode 0644): chmod 600 it"
     )
+
+
+def test_an_admin_endpoint_on_port_0_logs_the_port_it_bound(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            *EXE,
+            "serve",
+            "--state-dir",
+            str(tmp_path),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        found = None
+        deadline = time.monotonic() + 20
+        while found is None and time.monotonic() < deadline and (line := proc.stderr.readline()):
+            found = re.search(
+                r"admin endpoint on http://127\.0\.0\.1:(\d+)/ \(healthz, readyz, metrics\)", line
+            )
+        assert found is not None
+        port = int(found.group(1))
+        assert port != 0
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).text == "ok\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
