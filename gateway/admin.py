@@ -2,37 +2,53 @@
 
 Routes (GET and HEAD only; other methods on these paths get 405, other paths 404):
 
-- ``/healthz``: 200 ``ok`` while the process can serve HTTP at all (the liveness probe).
+- ``/healthz``: 200 ``ok`` while the process can serve HTTP at all (the liveness probe). Always open.
 - ``/readyz``: 200 ``ready`` when ``ready_check()`` returns true; else 503 ``not ready: <reason>``. The
   reason is the text of a ``NotReady`` the check raised, or a fixed text (a false result, a check that
-  took longer than ``ready_timeout``, any other exception: logged, never shown).
+  took longer than ``ready_timeout``, any other exception: logged, never shown). Open to probes; with a
+  token configured, a request without it gets the status and ``not ready`` only, never the reason.
 - ``/metrics``: the process's ``Metrics`` in Prometheus text, or OpenMetrics when the Accept header asks.
+  With a token configured, it wants ``Authorization: Bearer <token>`` (else 401).
 
 Rules:
 
 - One lockstep loop per connection: read one request (headers and body) within ``read_timeout``, answer,
-  then keep the connection for the next request unless either side asked to close. An idle keep-alive
-  connection is closed after ``read_timeout``; a request begun and not finished in time gets 408.
+  then keep the connection for the next request unless either side asked to close. A connection with no
+  request begun (new, or kept alive after one) is closed silently after ``idle_timeout``; a request begun
+  and not finished within ``read_timeout`` gets 408.
+- Probes always get through: at most ``max_connections`` connections at once, at most
+  ``max_connections_per_ip`` from one address. A new connection over either cap closes the oldest idle
+  connection (of that address, for the per-address cap), else the oldest one still sending its request;
+  only when every connection is being answered does it wait (the total cap) or get closed (the per-address
+  cap). So idle or trickling sockets can never keep ``/healthz`` from answering.
 - Bounded: request line and headers at most ``max_request_bytes`` (else 431), a body at most
-  ``max_body_bytes`` (else 413), at most ``max_connections`` connections served at once (the next ones
-  wait in the listen backlog). Malformed HTTP gets h11's status hint (400) and a close; nothing a client
+  ``max_body_bytes`` (else 413). Malformed HTTP gets h11's status hint (400) and a close; nothing a client
   sends ends the server. ``except Exception`` only at the connection boundary; ``Cancelled`` propagates.
-- Response bodies are fixed texts or the metrics exposition: no exception text, no request echo.
+- Response bodies are fixed texts or the metrics exposition: no exception text, no request echo. The
+  token is kept as a SHA-256 digest only, compared in constant time, and never logged or shown.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
+import hashlib
+import hmac
 import http
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import stat
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Final, NoReturn
 
 import h11
 import trio
 
-from gateway.config import parse_host_port
+from gateway.config import ADMIN_TOKEN_ENV, AdminConfig, ConfigError
+from gateway.errors import open_tcp_listeners
+from gateway.limits import client_key
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.admin")
@@ -47,13 +63,157 @@ class NotReady(Exception):
     """Raised by a readiness check: the text is shown to the prober (keep it free of secrets)."""
 
 
+TOKEN_MIN_LENGTH: Final = 16
+TOKEN_MAX_LENGTH: Final = 4096
+
+
+class AdminToken:
+    """The admin bearer token: only its SHA-256 digest is kept, compared in constant time, never shown."""
+
+    __slots__ = ("_digest",)
+
+    def __init__(self, token: str) -> None:
+        if not TOKEN_MIN_LENGTH <= len(token) <= TOKEN_MAX_LENGTH:
+            raise ValueError(f"must be {TOKEN_MIN_LENGTH} to {TOKEN_MAX_LENGTH} characters long")
+        if not all("!" <= c <= "~" for c in token):
+            raise ValueError("must be visible ASCII characters only (no spaces)")
+        self._digest = hashlib.sha256(token.encode("ascii")).digest()
+
+    def matches(self, presented: bytes) -> bool:
+        # Digests of equal length: the comparison takes the same time whatever was presented.
+        return hmac.compare_digest(self._digest, hashlib.sha256(presented).digest())
+
+    def __repr__(self) -> str:
+        return "AdminToken(<hidden>)"
+
+
+def load_token(admin: AdminConfig, environ: Mapping[str, str] = os.environ) -> AdminToken | None:
+    """The token from ``admin.token_file`` (mode 0600 or stricter), else from the environment, else None.
+
+    Raises ``ConfigError`` naming ``admin.token_file`` (or the variable); the message never holds the token.
+    """
+    if admin.token_file:
+        key, path = "admin.token_file", Path(admin.token_file)
+        try:
+            info = path.stat()
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError(f"{path} is not a regular file", key=key)
+            if info.st_mode & 0o077:
+                raise ConfigError(
+                    f"{path} is readable or writable by group or others "
+                    f"(mode {stat.S_IMODE(info.st_mode):04o}): chmod 600 it",
+                    key=key,
+                )
+            text = path.read_text(encoding="ascii").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}", key=key) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} holds non-ASCII characters", key=key) from None
+    elif ADMIN_TOKEN_ENV in environ:
+        key, text = ADMIN_TOKEN_ENV, environ[ADMIN_TOKEN_ENV].strip()
+    else:
+        return None
+    try:
+        return AdminToken(text)
+    except ValueError as exc:
+        raise ConfigError(f"the admin token {exc}", key=key) from None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class AdminSettings:
-    read_timeout: float = 10.0  # for one request, and for an idle keep-alive connection
+    read_timeout: float = 10.0  # for one request
+    idle_timeout: float = 5.0  # for a connection with no request begun (new, or kept alive)
     max_request_bytes: int = 8192  # request line and headers
     max_body_bytes: int = 1024
     max_connections: int = 32
+    max_connections_per_ip: int = 8
     ready_timeout: float = 5.0  # how long /readyz waits for the check
+    token: AdminToken | None = dataclasses.field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, admin: AdminConfig, token: AdminToken | None = None) -> AdminSettings:
+        return cls(
+            read_timeout=admin.read_timeout,
+            idle_timeout=admin.idle_timeout,
+            max_connections=admin.max_connections,
+            max_connections_per_ip=admin.max_connections_per_ip,
+            token=token,
+        )
+
+
+class _State(enum.Enum):
+    IDLE = "idle"  # no request begun: new, or kept alive after an answer
+    READING = "reading"  # a request begun and not yet whole
+    BUSY = "busy"  # being answered
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Slot:
+    """One connection served now: whose it is, what it does since when, and how to close it."""
+
+    ip: str
+    since: float
+    state: _State = _State.IDLE
+    scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+
+    def mark(self, state: _State) -> None:
+        self.state, self.since = state, trio.current_time()
+
+
+class _Slots:
+    """The connection caps, enforced in one place: who is served, and who makes room for a newcomer."""
+
+    def __init__(self, total: int, per_ip: int) -> None:
+        self.total = total
+        self.per_ip = per_ip
+        self._slots: list[_Slot] = []
+        self._freed = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    async def admit(self, ip: str) -> _Slot | None:
+        """A slot for a new connection from ``ip``, made by closing another if need be; None: refuse it."""
+        while True:
+            same = [s for s in self._slots if s.ip == ip]
+            if len(same) >= self.per_ip:
+                victim = _victim(same)
+                if victim is None:
+                    return None  # that address's connections are all being answered
+                self._evict(victim, "per-ip")
+                continue
+            if len(self._slots) >= self.total:
+                victim = _victim(self._slots)
+                if victim is None:
+                    await self._freed.wait()  # every one is being answered: soon one is free
+                else:
+                    self._evict(victim, "total")
+                continue
+            slot = _Slot(ip, trio.current_time())
+            self._slots.append(slot)
+            return slot
+
+    def release(self, slot: _Slot) -> None:
+        if slot in self._slots:
+            self._slots.remove(slot)
+            self._freed.set()
+            self._freed = trio.Event()
+
+    def _evict(self, slot: _Slot, cap: str) -> None:
+        log.debug(
+            "admin: closing a %s connection from %s for a new one (%s cap)", slot.state.value, slot.ip, cap
+        )
+        slot.scope.cancel()
+        self.release(slot)
+
+
+def _victim(slots: list[_Slot]) -> _Slot | None:
+    """The connection to close for a newcomer: the longest idle, else the longest still sending."""
+    for state in (_State.IDLE, _State.READING):
+        candidates = [s for s in slots if s.state is state]
+        if candidates:
+            return min(candidates, key=lambda s: s.since)
+    return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,16 +243,15 @@ async def serve_admin(
 ) -> NoReturn:
     """Listen on ``address`` (HOST:PORT; port 0 picks one) and serve until cancelled.
 
-    ``task_status.started`` reports the bound (host, port) pairs. A bind failure raises OSError.
+    ``task_status.started`` reports the bound (host, port) pairs. A bind failure raises
+    ``gateway.errors.ListenError`` (an OSError) naming the address and ``admin``.
     """
-    host, port = parse_host_port(address)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await open_tcp_listeners(address, "admin")
     app = _Admin(metrics, ready_check, settings)
-    limiter = trio.CapacityLimiter(settings.max_connections)
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(app.accept_loop, listener, limiter, nursery)
+                nursery.start_soon(app.accept_loop, listener, nursery)
             task_status.started(
                 [(str(s.socket.getsockname()[0]), int(s.socket.getsockname()[1])) for s in listeners]
             )
@@ -108,44 +267,51 @@ class _Admin:
         self.metrics = metrics
         self.ready_check = ready_check
         self.settings = settings
+        self.slots = _Slots(settings.max_connections, settings.max_connections_per_ip)
 
-    async def accept_loop(
-        self, listener: trio.SocketListener, limiter: trio.CapacityLimiter, nursery: trio.Nursery
-    ) -> NoReturn:
+    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> NoReturn:
         while True:
-            token = object()
-            await limiter.acquire_on_behalf_of(token)
             try:
                 stream = await listener.accept()
             except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                limiter.release_on_behalf_of(token)
                 log.warning("admin accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
+            try:
+                ip = client_key(str(stream.socket.getpeername()[0]))
+            except OSError:  # gone already
+                await trio.aclose_forcefully(stream)
+                continue
+            try:
+                slot = await self.slots.admit(ip)
             except BaseException:
-                limiter.release_on_behalf_of(token)
+                await trio.aclose_forcefully(stream)
                 raise
-            nursery.start_soon(self.connection, stream, limiter, token)
+            if slot is None:
+                log.debug("admin: refusing a connection from %s: all of its connections are busy", ip)
+                await trio.aclose_forcefully(stream)
+                continue
+            nursery.start_soon(self.connection, stream, slot)
 
-    async def connection(
-        self, stream: trio.SocketStream, limiter: trio.CapacityLimiter, token: object
-    ) -> None:
+    async def connection(self, stream: trio.SocketStream, slot: _Slot) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_request_bytes)
         try:
-            await self._serve(stream, conn)
-        except h11.RemoteProtocolError as exc:
-            await self._refuse(stream, conn, exc.error_status_hint)
+            with slot.scope:  # cancelled when a newcomer needs this slot
+                try:
+                    await self._serve(stream, conn, slot)
+                except h11.RemoteProtocolError as exc:
+                    await self._refuse(stream, conn, exc.error_status_hint)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass
         except Exception:
             log.exception("admin connection failed")
         finally:
-            limiter.release_on_behalf_of(token)
+            self.slots.release(slot)
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream, conn: h11.Connection) -> None:
+    async def _serve(self, stream: trio.SocketStream, conn: h11.Connection, slot: _Slot) -> None:
         while True:
-            request = await self._receive_request(stream, conn)
+            request = await self._receive_request(stream, conn, slot)
             if request is None:
                 return
             answer = await self._route(request)
@@ -155,17 +321,29 @@ class _Admin:
                 return  # one side asked to close (Connection: close, HTTP/1.0)
             conn.start_next_cycle()
 
-    async def _receive_request(self, stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
-        """One whole request (the body read and dropped), or None when the client closed or went idle."""
+    async def _receive_request(
+        self, stream: trio.SocketStream, conn: h11.Connection, slot: _Slot
+    ) -> h11.Request | None:
+        """One whole request (the body read and dropped), or None when the client closed or went idle.
+
+        Until its first byte the wait is ``idle_timeout``; the whole request must come within
+        ``read_timeout`` of the start.
+        """
         request: h11.Request | None = None
         body = 0
         begun = bool(conn.trailing_data[0])
-        with trio.move_on_after(self.settings.read_timeout):
+        slot.mark(_State.READING if begun else _State.IDLE)
+        start = trio.current_time()
+        timeouts = self.settings.read_timeout, min(self.settings.idle_timeout, self.settings.read_timeout)
+        with trio.move_on_after(timeouts[0] if begun else timeouts[1]) as scope:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
                     data = await stream.receive_some(READ_SIZE)
-                    begun = begun or bool(data)
+                    if data and not begun:
+                        begun = True
+                        slot.mark(_State.READING)
+                        scope.deadline = start + timeouts[0]
                     conn.receive_data(data)
                 elif isinstance(event, h11.Request):
                     request = event
@@ -177,6 +355,7 @@ class _Admin:
                         await self._refuse(stream, conn, 413)
                         return None
                 elif isinstance(event, h11.EndOfMessage):
+                    slot.mark(_State.BUSY)
                     return request
                 else:  # ConnectionClosed (PAUSED cannot come: a cycle ends with EndOfMessage)
                     return None
@@ -192,12 +371,30 @@ class _Admin:
             return _Answer(405, b"method not allowed\n", extra=(("Allow", "GET, HEAD"),))
         if path == b"/healthz":
             return _Answer(200, b"ok\n")
+        authorized = self._authorized(request)
         if path == b"/readyz":
             ready, reason = await self._readiness()
-            return _Answer(200, b"ready\n") if ready else _Answer(503, f"not ready: {reason}\n".encode())
+            if ready:
+                return _Answer(200, b"ready\n")
+            return _Answer(503, f"not ready: {reason}\n".encode() if authorized else b"not ready\n")
+        if not authorized:
+            return _Answer(
+                401, b"unauthorized\n", extra=(("WWW-Authenticate", 'Bearer realm="pop3-gateway"'),)
+            )
         accept = next((v for k, v in request.headers if k == b"accept"), b"").decode("latin-1")
         body, content_type = self.metrics.render(accept)
         return _Answer(200, body, content_type)
+
+    def _authorized(self, request: h11.Request) -> bool:
+        """No token configured, or exactly one ``Authorization: Bearer <token>`` that matches."""
+        token = self.settings.token
+        if token is None:
+            return True
+        values = [v for k, v in request.headers if k == b"authorization"]
+        if len(values) != 1:
+            return False
+        scheme, _, credentials = values[0].partition(b" ")
+        return scheme.lower() == b"bearer" and token.matches(credentials.strip())
 
     async def _readiness(self) -> tuple[bool, str]:
         try:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import getpass
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,7 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--listen", metavar="HOST:PORT", help="one plain listener instead of the configured ones"
     )
-    serve.add_argument("--upstream", metavar="URL", help="maildir:///path (imap://, jmap+https:// later)")
+    serve.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="the upstream mailbox: "
+        + ", ".join(f"{scheme}://" for scheme in cfg.UPSTREAM_SCHEMES)
+        + " (maildir:///path; without it, the embedded demo)",
+    )
     serve.add_argument("--state-dir", metavar="DIR", help="where the UIDL store and the demo live")
     serve.add_argument(
         "--admin-listen",
@@ -304,10 +312,42 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         trio.run(_serve_until_signal, server, demo, lambda: _load(args))
-    except OSError as exc:
-        print(f"pop3-gateway: cannot listen: {exc}", file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as exc:
+        errors = _os_errors(exc)
+        if errors is None:
+            raise
+        for error in errors:  # one line each: ListenError says "cannot listen on HOST:PORT (ROLE): ..."
+            print(f"pop3-gateway: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _os_errors(exc: BaseException) -> list[OSError] | None:
+    """The OSErrors ``exc`` is made of (groups flattened), or None when it holds anything else."""
+    if isinstance(exc, OSError):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        found: list[OSError] = []
+        for inner in exc.exceptions:
+            errors = _os_errors(inner)
+            if errors is None:
+                return None
+            found += errors
+        return found
+    return None
+
+
+_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def _pop3_listen_error(config: cfg.Config, exc: OSError) -> OSError:
+    """A bind failure of the POP3 listeners as a ``ListenError``, unless the server said which already."""
+    from gateway.errors import ListenError
+
+    if isinstance(exc, ListenError) or not (exc.errno in _BIND_ERRNOS or isinstance(exc, socket.gaierror)):
+        return exc
+    # The server does not say which of its listeners failed: name them all (one is the usual case).
+    return ListenError(", ".join(lc.address for lc in config.listen), "pop3", exc)
 
 
 async def _serve_until_signal(
@@ -340,27 +380,33 @@ _STORE_OPS: dict[str, Literal["read", "write", "import", "prune"]] = {
 async def _serve_signals(
     server: object, demo: tuple[str, str] | None, reload_config: Callable[[], cfg.Config]
 ) -> None:
-    from gateway.admin import AdminSettings, serve_admin
+    from gateway.admin import AdminSettings, load_token, serve_admin
     from gateway.server import Server
 
     assert isinstance(server, Server)
+    admin = server.config.admin
+    # Read before anything listens: a bad token file is a configuration error (exit 2), never half a start.
+    settings = AdminSettings.from_config(admin, load_token(admin)) if admin.address else None
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            addresses = await nursery.start(server.serve)
+            try:
+                addresses = await nursery.start(server.serve)
+            except OSError as exc:
+                error = _pop3_listen_error(server.config, exc)
+                if error is exc:
+                    raise
+                raise error from exc
             for bound in addresses:
                 log.info("listening on %s:%d (tls=%s)", bound.host, bound.port, bound.tls)
-            admin = server.config.admin
-            if admin.address:
-                settings = AdminSettings(
-                    read_timeout=admin.read_timeout, max_connections=admin.max_connections
-                )
+            if settings is not None:
                 admin_bound = await nursery.start(
                     functools.partial(
                         serve_admin, admin.address, server.metrics, server.ready, settings=settings
                     )
                 )
-                for host, port in admin_bound:
-                    log.info("admin endpoint on http://%s:%d/ (healthz, readyz, metrics)", host, port)
+                for host, port in admin_bound:  # with port 0, the port the kernel picked
+                    shown = f"[{host}]" if ":" in host else host
+                    log.info("admin endpoint on http://%s:%d/ (healthz, readyz, metrics)", shown, port)
             if demo is not None:
                 user, password = demo
                 host, port = addresses[0].host, addresses[0].port

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import tomllib
 import types
@@ -87,11 +88,18 @@ class UpstreamConfig:
     token: str = dataclasses.field(default="", repr=False)  # jmap: a bearer token instead of Basic
 
 
+ADMIN_TOKEN_ENV = "POP3_GATEWAY_ADMIN_TOKEN"  # noqa: S105 - the name of the variable, no secret
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class AdminConfig:
-    address: str = "127.0.0.1:9110"  # /healthz, /readyz, /metrics; "" disables
-    read_timeout: float = 10.0
-    max_connections: int = 32
+    address: str = "127.0.0.1:9110"  # /healthz, /readyz, /metrics; "" disables; port 0 picks one
+    read_timeout: float = 10.0  # to send one request
+    idle_timeout: float = 5.0  # a connection with no request begun (new or keep-alive) is closed after
+    max_connections: int = 32  # at the cap, the oldest idle connection is closed for the new one
+    max_connections_per_ip: int = 8
+    token_file: str = ""  # the bearer token for /metrics (and /readyz reasons); mode 0600 or stricter
+    allow_unauthenticated: bool = False  # beyond loopback without a token: only if this says so
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -309,13 +317,7 @@ def validate(config: Config, text: str = "") -> None:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 fail(("server", name, i), f"not an IP network: {net!r}")
-    if config.admin.address:
-        try:
-            parse_host_port(config.admin.address)
-        except ValueError as exc:
-            fail(("admin", "address"), str(exc))
-    if config.admin.read_timeout <= 0 or config.admin.max_connections < 1:
-        fail(("admin", "read_timeout"), "read_timeout must be > 0 and max_connections >= 1")
+    _validate_admin(config.admin, fail)
     lim = config.limits
     for name in ("max_sessions_per_ip", "max_sessions_per_account", "lockout_after"):
         if getattr(lim, name) < 0:
@@ -335,6 +337,43 @@ def validate(config: Config, text: str = "") -> None:
         or (policy.startswith("flag:") and len(policy) > 5)
     ):
         fail(("upstream", "delete_policy"), 'must be "expunge", "move:<folder>" or "flag:<keyword>"')
+
+
+def _validate_admin(
+    admin: AdminConfig, fail: typing.Callable[[tuple[str | int, ...], str], typing.NoReturn]
+) -> None:
+    for name in ("read_timeout", "idle_timeout"):
+        if getattr(admin, name) <= 0:
+            fail(("admin", name), "must be > 0")
+    for name in ("max_connections", "max_connections_per_ip"):
+        if getattr(admin, name) < 1:
+            fail(("admin", name), "must be >= 1")
+    if not admin.address:
+        return
+    try:
+        host, _ = parse_host_port(admin.address)
+    except ValueError as exc:
+        fail(("admin", "address"), str(exc))
+    has_token = bool(admin.token_file or os.environ.get(ADMIN_TOKEN_ENV))
+    if not (is_loopback_host(host) or has_token or admin.allow_unauthenticated):
+        fail(
+            ("admin", "address"),
+            f"{admin.address!r} is reachable beyond loopback: set admin.token_file (or the "
+            f"{ADMIN_TOKEN_ENV} environment variable), or admin.allow_unauthenticated = true",
+        )
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether HOST (as in HOST:PORT) binds loopback only: ``localhost`` or a loopback address."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False  # any other host name may resolve beyond loopback
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def upstream_scheme(url: str) -> str:

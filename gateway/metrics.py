@@ -20,6 +20,11 @@ build_info{version}                    gauge      always 1
 =====================================  =========  ==================================================
 
 plus the standard ``process_*`` metrics (CPU, memory, open file descriptors) on Linux.
+
+No ``*_created`` series: prometheus_client adds one per counter and histogram series (a start timestamp
+Prometheus does not use, doubling the series). Its only switch is process-wide
+(``disable_created_metrics()``); instead ``render()`` exposes this registry through ``_WithoutCreated``,
+so nothing global changes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 
 from gateway import __version__
 from gateway.limits import Limit
@@ -79,6 +85,24 @@ VERBS: Final = (
 UPSTREAM_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+class _WithoutCreated:
+    """A view of a registry without the ``*_created`` samples of its counters and histograms."""
+
+    _TYPES: Final = frozenset({"counter", "histogram", "summary", "gaugehistogram"})
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            if family.type in self._TYPES:
+                created = family.name + "_created"
+                view = Metric(family.name, family.documentation, family.type, family.unit)
+                view.samples = [s for s in family.samples if s.name != created]
+                family = view
+            yield family
+
+
 def _check(value: str, allowed: tuple[str, ...], what: str) -> str:
     if value not in allowed:
         raise ValueError(f"unknown {what} label value {value!r}")
@@ -118,6 +142,7 @@ class Metrics:
             "uidl_store_operations", "UIDL store operations", ["op"], namespace=ns, registry=r
         )
         self._errors = Counter("errors", "Errors by kind", ["kind"], namespace=ns, registry=r)
+        self._exposed = _WithoutCreated(r)
         # Every closed-set series exists from the start, at 0, so rates and alerts need no absent().
         for limit in Limit:
             self._refused.labels(limit.value)
@@ -190,7 +215,7 @@ class Metrics:
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its Content-Type: OpenMetrics if ``accept`` asks for it, else text."""
         encoder, content_type = choose_encoder(accept)
-        return encoder(self._registry), content_type
+        return encoder(self._exposed), content_type
 
     def sample(self, name: str, **labels: str) -> float | None:
         """One sample's value by its full name (``pop3_gateway_logins_total``); for tests and checks."""

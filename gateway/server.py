@@ -19,6 +19,7 @@ import urllib.parse
 
 import trio
 
+from gateway import errors
 from gateway.admin import NotReady
 from gateway.backends.base import Backend, MessageGone
 from gateway.config import Config, ListenConfig
@@ -41,15 +42,6 @@ def make_server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
-
-
-class ListenError(OSError):
-    """A configured address could not be bound; ``str()`` names it."""
-
-    def __init__(self, address: str, what: str, cause: OSError) -> None:
-        reason = (cause.strerror or str(cause)).lower()
-        super().__init__(cause.errno, f"cannot listen on {address} ({what}): {reason}")
-        self.address = address
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -237,11 +229,7 @@ class Server:
         groups: list[tuple[int, list[trio.SocketListener]]] = []
         try:
             for i, lc in enumerate(self.config.listen):
-                host, port = lc.host_port()
-                try:
-                    groups.append((i, await trio.open_tcp_listeners(port, host=host)))
-                except OSError as exc:
-                    raise ListenError(lc.address, "POP3", exc) from exc
+                groups.append((i, await errors.open_tcp_listeners(lc.address, "pop3")))
         except BaseException:
             for _, group in groups:
                 for listener in group:
@@ -325,7 +313,6 @@ async def _probe_upstream(backend: Backend) -> tuple[bool, str]:
 __all__ = [
     "DELETE_SHIELD_SECONDS",
     "Bound",
-    "ListenError",
     "MessageGone",
     "Server",
     "make_server_tls_context",

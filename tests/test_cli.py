@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 import poplib
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.accounts import load_users, verify_password
+from gateway.config import UPSTREAM_SCHEMES
 
 EXE = [sys.executable, "-m", "gateway"]
 
@@ -29,6 +33,14 @@ def test_help_works_everywhere(args: list[str]) -> None:
     out = run(*args, "--help")
     assert out.returncode == 0, out.stderr
     assert "usage:" in out.stdout
+
+
+def test_serve_help_lists_the_upstream_schemes_there_are() -> None:
+    out = run("serve", "--help")
+    text = " ".join(out.stdout.split())  # argparse wraps the help
+    for scheme in UPSTREAM_SCHEMES:
+        assert f"{scheme}://" in text, scheme
+    assert "later" not in text
 
 
 def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
@@ -118,3 +130,78 @@ def test_serve_demo_then_sigterm_drains(tmp_path: Path) -> None:
         (tmp_path / "mail" / "demo" / "cur").iterdir()
     )
     assert len(remaining) == 2
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port this test holds busy (bound on port 0 and listening)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("role", ["admin", "pop3"])
+def test_a_busy_port_ends_in_one_line_naming_it_and_exit_1(role: str, busy_port: int, tmp_path: Path) -> None:
+    busy = f"127.0.0.1:{busy_port}"
+    listen, admin = (busy, "127.0.0.1:0") if role == "pop3" else ("127.0.0.1:0", busy)
+    out = run("serve", "--state-dir", str(tmp_path), "--listen", listen, "--admin-listen", admin)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert (
+        out.stderr.splitlines()[-1]
+        == f"pop3-gateway: cannot listen on {busy} ({role}): address already in use"
+    )
+
+
+def test_a_token_file_others_can_read_is_a_config_error_before_anything_listens(tmp_path: Path) -> None:
+    token = tmp_path / "admin-token"
+    token.write_text("0123456789abcdef0123\n")
+    token.chmod(0o644)
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[admin]\naddress = "0.0.0.0:0"\ntoken_file = "{token}"\n')
+    out = run("serve", "--config", str(config), "--state-dir", str(tmp_path), "--listen", "127.0.0.1:0")
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "listening on" not in out.stderr
+    assert out.stderr.splitlines()[-1] == (
+        f"pop3-gateway: configuration error: admin.token_file: {token} is readable or writable by group "
+        "or others (mode 0644): chmod 600 it"
+    )
+
+
+def test_an_admin_endpoint_on_port_0_logs_the_port_it_bound(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            *EXE,
+            "serve",
+            "--state-dir",
+            str(tmp_path),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        found = None
+        deadline = time.monotonic() + 20
+        while found is None and time.monotonic() < deadline and (line := proc.stderr.readline()):
+            found = re.search(
+                r"admin endpoint on http://127\.0\.0\.1:(\d+)/ \(healthz, readyz, metrics\)", line
+            )
+        assert found is not None
+        port = int(found.group(1))
+        assert port != 0
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).text == "ok\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
 from gateway.limits import Limit
-from gateway.metrics import ERROR_KINDS, LOGIN_RESULTS, VERBS, Metrics
+from gateway.metrics import (
+    BACKENDS,
+    ERROR_KINDS,
+    LOGIN_RESULTS,
+    UIDL_STORE_OPS,
+    UPSTREAM_OPS,
+    VERBS,
+    Metrics,
+)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def families(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -133,3 +146,43 @@ def test_each_instance_has_its_own_registry() -> None:
     a.login("ok")
     assert b.sample("pop3_gateway_logins_total", result="ok") == 0
     assert a.registry is not b.registry
+
+
+def test_no_created_series_in_either_exposition() -> None:
+    m = Metrics()
+    m.login("ok")
+    m.observe_upstream("imap", "open", 0.1)
+    for accept in ("", "application/openmetrics-text; version=1.0.0"):
+        body, _ = m.render(accept)
+        assert b"_created" not in body, accept
+        assert b'pop3_gateway_logins_total{result="ok"} 1.0' in body
+        assert b"pop3_gateway_upstream_duration_seconds_count" in body
+    assert m.sample("pop3_gateway_logins_total", result="ok") == 1  # the registry itself is untouched
+
+
+def documented_label_values() -> dict[tuple[str, str], set[str]]:
+    """From the metrics table of docs/operations.md: (metric, label) -> the values it lists."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for line in (DOCS / "operations.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not (name := re.fullmatch(r"`(pop3_gateway_[a-z_]+)`", cells[0])):
+            continue
+        for part in filter(None, (p.strip() for p in cells[2].split(";"))):
+            label, _, values = part.partition(":")
+            words = {v.strip().strip("`") for v in values.split(",") if v.strip()}
+            out[(name.group(1), label.strip().strip("`"))] = words
+    return out
+
+
+def test_the_operations_doc_lists_every_label_value_the_code_can_emit() -> None:
+    expected = {
+        ("pop3_gateway_sessions_refused_total", "limit"): {limit.value for limit in Limit},
+        ("pop3_gateway_logins_total", "result"): set(LOGIN_RESULTS),
+        ("pop3_gateway_commands_total", "verb"): set(VERBS),
+        ("pop3_gateway_upstream_duration_seconds", "backend"): set(BACKENDS),
+        ("pop3_gateway_upstream_duration_seconds", "op"): set(UPSTREAM_OPS),
+        ("pop3_gateway_uidl_store_operations_total", "op"): set(UIDL_STORE_OPS),
+        ("pop3_gateway_errors_total", "kind"): set(ERROR_KINDS),
+        ("pop3_gateway_build_info", "version"): set(),  # the package version: no closed set
+    }
+    assert documented_label_values() == expected
