@@ -120,15 +120,26 @@ class TrustedNetworks:
 class PlaintextAuthPolicy:
     """Who may send a password before TLS: loopback always; ``networks``; everyone if ``everywhere``.
 
-    The shell computes ``allows(peer)`` once per connection (the real client when a PROXY header came)
-    and hands it to the POP3 core as ``Settings.allow_plaintext_auth``; on TLS the core allows it anyway.
+    The shell computes ``allows(peer.ip, proxied=peer.proxied)`` once per connection (the real client
+    when a PROXY header came, see ``gateway.proxied``) and hands it to the POP3 core as
+    ``Settings.allow_plaintext_auth``; on TLS the core allows it anyway.
+
+    Loopback's implicit permission is for the socket's own peer only. An address that a PROXY header
+    claims (``proxied``) never gets it, not even 127.0.0.1 or ``::ffff:127.0.0.1``: the balancer's host
+    is not ours. It may still match ``networks``, which the operator listed on purpose (a LAN behind the
+    balancer). An unknown address (``None``: a PROXY LOCAL or UNKNOWN header, a failed ``getpeername``)
+    matches nothing but ``everywhere``.
     """
 
     everywhere: bool = False
     networks: TrustedNetworks = dataclasses.field(default_factory=TrustedNetworks)
 
-    def allows(self, ip: str | IPAddress) -> bool:
-        return self.everywhere or is_loopback(ip) or self.networks.contains(ip)
+    def allows(self, ip: str | IPAddress | None, *, proxied: bool = False) -> bool:
+        if self.everywhere:
+            return True
+        if ip is None:
+            return False
+        return (not proxied and is_loopback(ip)) or self.networks.contains(ip)
 
 
 # ---------------------------------------------------------------- session limits

@@ -26,7 +26,7 @@ from typing import Final
 
 import trio
 
-from gateway import durable
+from gateway import durable, proxied
 from gateway.backends.base import Backend, BackendError, Maildrop, SizeChanged
 from gateway.config import ListenConfig, ServerConfig
 from gateway.limits import Limit, PlaintextAuthPolicy, SessionLimits, TrustedNetworks
@@ -35,7 +35,7 @@ from gateway.metrics import BACKENDS, Metrics, UpstreamOp
 from gateway.proto import pop3
 from gateway.proto.logins import Login
 from gateway.proto.uidl import Fingerprinter
-from gateway.proxied import Peer, read_prelude, socket_peer
+from gateway.proxied import Peer, socket_peer
 from gateway.sessionlog import SessionStats, escape, log_session_end
 
 log = logging.getLogger("gateway.session")
@@ -107,15 +107,13 @@ async def run_session(
     occupancy = env.occupancy
     try:
         if listener.proxy_protocol:
-            got = None
-            with trio.move_on_at(deadline):
-                got = await read_prelude(
-                    raw, peer, trusted=env.trusted_proxies, on_error=lambda: env.metrics.error("proxy-header")
-                )
-            if got is None:
+            prelude = await proxied.read_prelude(raw, peer, trusted=env.trusted_proxies, deadline=deadline)
+            if isinstance(prelude, proxied.Refused):
+                env.metrics.error("proxy-header")
+                log.warning("PROXY header from %s refused: %s", peer.text, prelude.reason)
                 stats.result = "proxy-refused"
                 return
-            stream, peer = got
+            stream, peer = prelude
         cfg = env.config
         conn = pop3.Connection(
             pop3.Settings(
@@ -123,7 +121,7 @@ async def run_session(
                 login_delay=cfg.login_delay,
                 expire=cfg.expire,
                 tls_available=listener.tls == "starttls",
-                allow_plaintext_auth=env.plaintext.allows(peer.ip),
+                allow_plaintext_auth=env.plaintext.allows(peer.ip, proxied=peer.proxied),
                 max_auth_failures=cfg.max_auth_failures,
                 max_bad_commands=cfg.max_bad_commands,
             ),
@@ -132,11 +130,11 @@ async def run_session(
         )
         refusal = _refusal(env, peer)
         if refusal is None:
-            refused_by = env.limits.acquire_connection(peer.ip)
+            refused_by = env.limits.acquire_connection(peer.key)
             if refused_by is not None:
                 refusal = pop3.SessionRefusal.TOO_MANY_FROM_ADDRESS, refused_by
             else:
-                counted_ip = peer.ip
+                counted_ip = peer.key
         if refusal is not None:
             why, limit = refusal
             stats.result = f"refused-{limit.value}"
@@ -326,7 +324,7 @@ class _Session:
         gate = self.env.gate
         attempt = contextlib.AsyncExitStack()
         try:
-            result = await gate.login(login, ip=self.peer.ip, peer=self.peer.text, stack=attempt)
+            result = await gate.login(login, ip=self.peer.key, peer=self.peer.text, stack=attempt)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await attempt.aclose()

@@ -13,7 +13,7 @@ Snapshot (taken at login, fixed for the session):
   then by the base name as a string; base names without a leading number come last, by name. This
   is the delivery order for the usual ``time.unique.host`` names and is stable across logins.
 - ``upstream_id`` is the base name; the UIDL is the base name when it is 1-70 characters of
-  0x21-0x7E, else the 40 hex digits of the SHA-1 of its bytes.
+  0x21-0x7E, else the 40 hex digits of the SHA-1 of its bytes (``common.uidl_or_sha1``).
 - the size is the size with every bare LF counted as CRLF (no CRLF counted for an unterminated last
   line). It comes from the Dovecot ``,W=<n>`` field of the base name when there is one; otherwise
   the file is scanned once and the result is cached per (maildir, base name, mtime, size), so flag
@@ -51,6 +51,7 @@ from gateway.backends.base import (
     PasswordLogin,
     TempFailure,
 )
+from gateway.proto.common import uidl_or_sha1
 
 __all__ = ["CHUNK_SIZE", "MaildirBackend"]
 
@@ -69,12 +70,6 @@ _UsersKey = tuple[int, int, int, int]  # (st_dev, st_ino, st_mtime_ns, st_size)
 def _base_name(file_name: str) -> str:
     cut = file_name.find(":2,")
     return file_name if cut < 0 else file_name[:cut]
-
-
-def _uidl(base: str) -> str:
-    if 1 <= len(base) <= 70 and all("\x21" <= c <= "\x7e" for c in base):
-        return base
-    return hashlib.sha1(base.encode("utf-8", "surrogateescape"), usedforsecurity=False).hexdigest()
 
 
 def _order_key(base: str) -> tuple[int, int, str]:
@@ -420,7 +415,8 @@ class MaildirBackend:
         )
         fixes = self._size_fixes
         entries = tuple(
-            Entry(f.base, fixes.get((str(maildir), f.base), size), _uidl(f.base)) for f, size in present
+            Entry(f.base, fixes.get((str(maildir), f.base), size), uidl_or_sha1(f.base))
+            for f, size in present
         )
         return _MaildirMaildrop(maildir, entries, [f.path for f, _ in present], fixes)
 

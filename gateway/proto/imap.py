@@ -30,8 +30,9 @@ Invariants of the reader:
   path; a ``NIL`` body gets none. In the final ``Fetch`` event the streamed item's value is
   ``Streamed(size)`` (``None`` for NIL). The other items (UID may come before or after the body) are
   in ``Fetch.items``.
-- Any peer mistake raises ``ImapProtocolError``; after that the reader stays failed. Our own misuse
-  raises ``LocalProtocolError``.
+- Any peer mistake raises ``ImapProtocolError`` (a ``common.RemoteProtocolError``); after that the
+  reader stays failed. Our own misuse raises ``common.LocalProtocolError``. ``NEED_DATA``/``NeedData``
+  are ``common``'s, re-exported here.
 
 Writing (``Client``)::
 
@@ -63,6 +64,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, TypeAlias, assert_never
 
+from gateway.proto.common import NEED_DATA as NEED_DATA
+from gateway.proto.common import LocalProtocolError as LocalProtocolError
+from gateway.proto.common import NeedData as NeedData
+from gateway.proto.common import RemoteProtocolError
+
 DEFAULT_MAX_LINE_LENGTH: Final = 64 * 1024
 DEFAULT_MAX_LITERAL_SIZE: Final = 1024 * 1024
 DEFAULT_MAX_DEPTH: Final = 64
@@ -70,15 +76,11 @@ DEFAULT_MAX_ITEMS: Final = 20_000
 LITERAL_MINUS_MAX: Final = 4096  # RFC 7888: LITERAL- allows {n+} only up to this size
 
 
-class ImapProtocolError(Exception):
+class ImapProtocolError(RemoteProtocolError):
     """The server broke the protocol (malformed response, a cap exceeded, a reply to an unsent tag).
 
     The connection is unusable afterwards. ``str(exc)`` is for logs only, never for a client.
     """
-
-
-class LocalProtocolError(Exception):
-    """Our own code misused the core (a command illegal in this state, NUL in a string, ...)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,18 +318,6 @@ Event: TypeAlias = (
     | Untagged
     | ConnectionClosed
 )
-
-
-class NeedData:
-    """Type of the ``NEED_DATA`` sentinel: ``next_event()`` needs more bytes."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,12 +18,13 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
+
+from gateway.proto.common import RemoteProtocolError, uidl_or_sha1
 
 __all__ = [
     "CORE",
@@ -83,8 +84,9 @@ class JmapError(Exception):
     temporary = True
 
 
-class MalformedResponse(JmapError):
-    """The server's answer does not follow RFC 8620/8621 (bad JSON, bad shape, bad ids)."""
+class MalformedResponse(JmapError, RemoteProtocolError):
+    """The server's answer does not follow RFC 8620/8621 (bad JSON, bad shape, bad ids): the peer's
+    mistake, so also a ``common.RemoteProtocolError``. The two refusals below are answers, not mistakes."""
 
 
 class RequestError(JmapError):
@@ -117,9 +119,7 @@ def is_id(value: object) -> bool:
 def uidl_for(email_id: str) -> str:
     """The UIDL proposed for an Email: its id when that is a valid POP3 unique-id (1-70 characters of
     0x21-0x7E, RFC 1939 section 7), else the 40 hex digits of its SHA-1. Email ids never change."""
-    if 1 <= len(email_id) <= 70 and all("\x21" <= c <= "\x7e" for c in email_id):
-        return email_id
-    return hashlib.sha1(email_id.encode("utf-8", "surrogateescape"), usedforsecurity=False).hexdigest()
+    return uidl_or_sha1(email_id)
 
 
 # ------------------------------------------------------------------ the session resource

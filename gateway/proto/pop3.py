@@ -51,6 +51,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Final, assert_never
 
 from gateway.proto.body import BodyEncoder
+from gateway.proto.common import NEED_DATA as NEED_DATA
+from gateway.proto.common import LocalProtocolError as LocalProtocolError
+from gateway.proto.common import NeedData as NeedData
 from gateway.proto.logins import ApopLogin, Login, PasswordLogin
 from gateway.proto.maildrop import Listed, Lookup, Maildrop
 
@@ -65,10 +68,6 @@ class State(enum.Enum):
     TRANSACTION = "TRANSACTION"
     UPDATE = "UPDATE"
     CLOSED = "CLOSED"
-
-
-class LocalProtocolError(Exception):
-    """Our caller used the core wrongly (a bug on our side, never the client's)."""
 
 
 # ---------------------------------------------------------------- settings
@@ -250,15 +249,6 @@ class Flush:
     """Many pipelined commands were answered, or a long listing is queued: write what is queued (other
     sessions get a turn meanwhile), then go on with next_event()."""
 
-
-class NeedData(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData.NEED_DATA
 
 Event = Authenticate | Fetch | StartTls | Commit | Close | ConnectionClosed | Flush
 

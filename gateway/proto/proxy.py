@@ -8,7 +8,8 @@ the server learns the real client address. Use::
     event = parser.next_event()            # raises ProxyProtocolError on a bad header
     NEED_DATA -> read more (the shell bounds the wait)
     Proxied   -> the real client is ``event.source``
-    Local | Unknown -> keep the socket's own peer address (a health check, or a family we do not carry)
+    Local | Unknown -> no client address (a health check, or a family we do not carry): the shell
+                       (``gateway.proxied``) treats the client as unknown, never as the proxy itself
     first_pop3_bytes = parser.trailing_data
 
 Invariants:
@@ -21,9 +22,9 @@ Invariants:
   plus at most ``max_v2_length`` (the 16-bit length field is checked before its bytes are awaited).
   The LF search of v1 resumes where it stopped: the buffer is never rescanned.
 - Whether a peer may send a header at all (trusted networks) is the shell's decision, not this core's.
-- Every malformed input raises ``ProxyProtocolError``; its text is for logs, never for a client. After
-  an error the parser stays failed. Calling ``next_event()`` again after the header was returned is our
-  own misuse: ``LocalProtocolError``.
+- Every malformed input raises ``ProxyProtocolError`` (a ``common.RemoteProtocolError``); its text is
+  for logs, never for a client. After an error the parser stays failed. Calling ``next_event()`` again
+  after the header was returned is our own misuse: ``common.LocalProtocolError``.
 - A v2 header that carries a CRC32C TLV is checked against it (the spec's MUST for receivers that
   support it).
 """
@@ -34,6 +35,11 @@ import dataclasses
 import enum
 import ipaddress
 from typing import Final
+
+from gateway.proto.common import NEED_DATA as NEED_DATA
+from gateway.proto.common import LocalProtocolError as LocalProtocolError
+from gateway.proto.common import NeedData as NeedData
+from gateway.proto.common import RemoteProtocolError
 
 V1_PREFIX: Final = b"PROXY "
 V1_MAX_LENGTH: Final = 107  # "PROXY UNKNOWN ffff:...:ffff ffff:...:ffff 65535 65535\r\n"
@@ -57,12 +63,8 @@ _STREAM: Final = 0x1
 _ADDRESS_LENGTH: Final = {_AF_UNSPEC: 0, _AF_INET: 12, _AF_INET6: 36, _AF_UNIX: 216}
 
 
-class ProxyProtocolError(Exception):
+class ProxyProtocolError(RemoteProtocolError):
     """The peer sent no valid PROXY header. The connection must be closed without a reply."""
-
-
-class LocalProtocolError(Exception):
-    """Our caller misused the parser."""
 
 
 class Family(enum.Enum):
@@ -104,27 +106,18 @@ class Proxied:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Local:
-    """v2 LOCAL: the proxy speaks for itself (a health check). Use the socket's own addresses."""
+    """v2 LOCAL: the proxy speaks for itself (a health check). The client's address is unknown."""
 
     version: int = 2
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Unknown:
-    """v1 UNKNOWN, or v2 PROXY over a family we do not carry (UNSPEC, UNIX): use the socket's addresses."""
+    """v1 UNKNOWN, or v2 PROXY over a family we do not carry (UNSPEC, UNIX): the address is unknown."""
 
     version: int
     tlvs: tuple[Tlv, ...] = ()
 
-
-class _NeedData:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData()
 
 Header = Proxied | Local | Unknown
 
@@ -158,7 +151,7 @@ class ProxyParser:
             raise LocalProtocolError("no PROXY header parsed yet")
         return bytes(self._buf)
 
-    def next_event(self) -> Header | _NeedData:
+    def next_event(self) -> Header | NeedData:
         if self._error is not None:
             raise ProxyProtocolError(self._error)
         if self._header is not None:
@@ -171,11 +164,11 @@ class ProxyParser:
             self._error = str(exc)
             self._buf.clear()
             raise
-        if not isinstance(event, _NeedData):
+        if not isinstance(event, NeedData):
             self._header = event
         return event
 
-    def _parse(self) -> Header | _NeedData:
+    def _parse(self) -> Header | NeedData:
         buf = self._buf
         if not buf:
             return NEED_DATA
@@ -185,7 +178,7 @@ class ProxyParser:
             return self._parse_v2()
         raise ProxyProtocolError("not a PROXY protocol header")
 
-    def _parse_v1(self) -> Header | _NeedData:
+    def _parse_v1(self) -> Header | NeedData:
         buf = self._buf
         n = min(len(buf), len(V1_PREFIX))
         if buf[:n] != V1_PREFIX[:n]:
@@ -202,7 +195,7 @@ class ProxyParser:
         del buf[: lf + 1]
         return _parse_v1_line(line)
 
-    def _parse_v2(self) -> Header | _NeedData:
+    def _parse_v2(self) -> Header | NeedData:
         buf = self._buf
         n = min(len(buf), len(V2_SIGNATURE))
         if buf[:n] != V2_SIGNATURE[:n]:

@@ -34,7 +34,7 @@ def parse_whole(data: bytes, **kw: int) -> tuple[proxy.Header, bytes]:
     parser = ProxyParser(**kw)
     parser.receive_data(data)
     event = parser.next_event()
-    assert not isinstance(event, proxy._NeedData), "the header should be complete"
+    assert not isinstance(event, proxy.NeedData), "the header should be complete"
     return event, parser.trailing_data
 
 
@@ -44,7 +44,7 @@ def parse_bytewise(data: bytes, **kw: int) -> tuple[proxy.Header, bytes]:
     for i in range(len(data)):
         parser.receive_data(data[i : i + 1])
         event = parser.next_event()
-        if not isinstance(event, proxy._NeedData):
+        if not isinstance(event, proxy.NeedData):
             parser.receive_data(data[i + 1 :])
             return event, parser.trailing_data
     raise AssertionError("the header never completed")
