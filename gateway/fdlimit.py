@@ -7,8 +7,9 @@
 - ``ResilientListener``: wraps a ``trio.SocketListener`` for ``trio.serve_listeners``. When ``accept()``
   fails with EMFILE, ENFILE, ENOBUFS or ENOMEM (the connection stays in the kernel's backlog), it waits
   (``BACKOFF_MIN`` doubling to ``BACKOFF_MAX``), logs at most one line per ``log_every`` seconds with
-  the count of failures since the last line, and tries again; after the first success it logs once that
-  accepting has recovered. trio itself would log every failure, ten lines a second. Other errors propagate.
+  the count of failures since the last line, and tries again; the first success after such a line logs
+  that accepting has recovered (so at most two lines per ``log_every``, however failures and successes
+  alternate). trio itself would log every failure, ten lines a second. Other errors propagate.
 - ``preload_codecs()``: imports at start every codec the serving path may look up later (the first lookup
   of a codec imports a module, which needs a descriptor; under EMFILE that turned a polite refusal into
   an internal error).
@@ -138,7 +139,7 @@ class ResilientListener(trio.abc.Listener[trio.SocketStream]):
         self.failures = 0  # since the last log line
         self.total_failures = 0
         self._last_log = float("-inf")
-        self._failing = False
+        self._reported = False  # a "failing" line went out and its "recovered" line has not
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -160,19 +161,17 @@ class ResilientListener(trio.abc.Listener[trio.SocketStream]):
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, self.backoff_max)
                 continue
-            if self._failing:
-                self._failing = False
+            if self._reported:  # one "recovered" line per "failing" line: at most two lines per log_every
+                self._reported = False
                 log.warning(
                     "accept on %s recovered (%d failure(s) since the last report)", self.name, self.failures
                 )
                 self.failures = 0
-                self._last_log = float("-inf")
             return stream
 
     def _failed(self, exc: OSError, backoff: float) -> None:
         self.failures += 1
         self.total_failures += 1
-        self._failing = True
         if self.on_failure is not None:
             self.on_failure(exc)
         now = trio.current_time()
@@ -185,6 +184,7 @@ class ResilientListener(trio.abc.Listener[trio.SocketStream]):
                 backoff,
             )
             self._last_log = now
+            self._reported = True
             self.failures = 0
 
     async def aclose(self) -> None:

@@ -209,6 +209,23 @@ async def test_emfile_backs_off_logs_rarely_and_recovers(
     assert sum(counted) + recovered == 100  # every failure counted once
 
 
+async def test_failures_alternating_with_successes_are_logged_at_a_bounded_rate(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    inner = FlakyListener(0)
+    listener = ResilientListener(inner, name="test")
+    start = trio.current_time()
+    for _ in range(300):
+        inner.failures = 1
+        await (await listener.accept()).aclose()
+    elapsed = trio.current_time() - start
+    assert elapsed == pytest.approx(30.0)  # 300 x 0.1 s
+    lines = accept_lines(caplog)
+    assert 2 <= len(lines) <= 2 * (elapsed / fdlimit.LOG_EVERY + 1)
+    assert listener.total_failures == 300
+
+
 async def test_after_recovery_the_backoff_starts_small_again(autojump_clock: trio.testing.MockClock) -> None:
     inner = FlakyListener(5, errno.ENFILE)
     listener = ResilientListener(inner)
