@@ -47,6 +47,8 @@ import time
 from pathlib import Path
 from typing import Final
 
+from gateway import files
+
 __all__ = [
     "DUMMY_HASH",
     "UserRecord",
@@ -352,7 +354,7 @@ def ensure_demo(state_dir: Path) -> tuple[str, str]:
       the user deleted them.
     """
     state_dir = Path(state_dir)
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    files.make_private_dir(state_dir)
     password_file = state_dir / "demo-password"
     try:
         fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

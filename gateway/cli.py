@@ -145,16 +145,32 @@ def _load(args: argparse.Namespace) -> cfg.Config:
 
 
 def _check_config(path: str) -> int:
+    """As strict as ``serve``: the loader, the backend and every object ``serve`` builds (TLS included)."""
     config = cfg.load(path)
+    from gateway import reload
     from gateway.backends import make_backend
 
     make_backend(config)
+    built = reload.build(config)
+    for warning in built.warnings:
+        print(f"{path}: warning: {warning}")
     print(f"{path}: OK ({len(config.listen)} listener(s), upstream {config.upstream.url or 'embedded demo'})")
     return 0
 
 
+def _start_checks(config: cfg.Config) -> None:
+    """At serve start: descriptors raised, codecs loaded while descriptors are plenty, config warnings."""
+    from gateway import fdlimit, reload
+
+    for warning in fdlimit.raise_nofile_limit(config.server.max_sessions):
+        log.warning("%s", warning)
+    fdlimit.preload_codecs()
+    for warning in reload.build(config).warnings:
+        log.warning("%s", warning)
+
+
 def _user_add(args: argparse.Namespace) -> int:
-    from gateway import accounts
+    from gateway import accounts, files
 
     config = _load(args)
     users_file = Path(args.users_file or config.upstream.users_file or config.state_path / "users")
@@ -168,7 +184,7 @@ def _user_add(args: argparse.Namespace) -> int:
         print("pop3-gateway: empty password refused", file=sys.stderr)
         return 2
     apop = _read_secret("APOP secret: ", args.password_stdin) if args.apop else None
-    users_file.parent.mkdir(parents=True, exist_ok=True)
+    files.make_private_dir(users_file.parent)
     accounts.add_user(users_file, args.name, password, apop)
     print(f"user {args.name} written to {users_file}")
     return 0
@@ -227,9 +243,7 @@ def _uidl(args: argparse.Namespace) -> int:
 
 
 def _uidl_import(args: argparse.Namespace, config: cfg.Config) -> int:
-    import ssl
-
-    from gateway import migrate
+    from gateway import migrate, tls
     from gateway.backends import make_backend
     from gateway.store import UidlStore
 
@@ -247,10 +261,8 @@ def _uidl_import(args: argparse.Namespace, config: cfg.Config) -> int:
         if args.upstream_password_file
         else password
     )
-    ctx = ssl.create_default_context(cafile=args.ca_file) if (src.implicit_tls or src.starttls) else None
-    if ctx is not None and args.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+    use_tls = src.implicit_tls or src.starttls
+    ctx = tls.client_context(args.ca_file or "", args.insecure) if use_tls else None
     backend = make_backend(config)
 
     async def run() -> tuple[list[migrate.OldMessage], str, list[migrate.NewMessage]]:
@@ -296,6 +308,7 @@ def _read_secret(prompt: str, from_stdin: bool) -> str:
 def _serve(args: argparse.Namespace) -> int:
     config = _load(args)
     setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
+    _start_checks(config)
     from gateway.backends import make_backend
     from gateway.server import Server
 

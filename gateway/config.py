@@ -280,11 +280,17 @@ def validate(config: Config, text: str = "") -> None:
     s = config.server
     if not config.listen:
         fail(("listen",), "at least one listener is needed")
+    seen: dict[tuple[str, int], int] = {}
     for i, listener in enumerate(config.listen):
         try:
-            listener.host_port()
+            host_port = listener.host_port()
         except ValueError as exc:
             fail(("listen", i, "address"), str(exc))
+        if host_port[1] != 0 and host_port in seen:
+            fail(
+                ("listen", i, "address"), f"{listener.address} is already listen[{seen[host_port]}]'s address"
+            )
+        seen[host_port] = i
         if listener.tls != "none" and not (listener.cert_file and listener.key_file):
             fail(("listen", i, "tls"), f"tls = {listener.tls!r} needs cert_file and key_file")
     for name in ("idle_timeout", "login_timeout", "upstream_timeout"):
@@ -313,10 +319,9 @@ def validate(config: Config, text: str = "") -> None:
             fail(("upstream", "url"), str(exc))
     for name in ("plaintext_auth_networks", "trusted_proxies"):
         for i, net in enumerate(getattr(s, name)):
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                fail(("server", name, i), f"not an IP network: {net!r}")
+            problem = network_problem(net)
+            if problem is not None:
+                fail(("server", name, i), problem)
     _validate_admin(config.admin, fail)
     lim = config.limits
     for name in ("max_sessions_per_ip", "max_sessions_per_account", "lockout_after"):
@@ -374,6 +379,35 @@ def is_loopback_host(host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.is_loopback
+
+
+def network_problem(text: str) -> str | None:
+    """Why ``text`` is no network for an allow-list, or None. Strict: ``10.0.0.1/8`` has host bits set,
+    which means a typo more often than ``10.0.0.0/8``, so it is refused with the network it would be."""
+    try:
+        ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError:
+            return f"not an IP network: {text!r}"
+        if loose.with_prefixlen == text.strip():  # only the white space was wrong
+            return f"not an IP network: {text!r} (remove the spaces)"
+        return f"{text!r} has host bits set; write the network {loose.with_prefixlen!r} or one address"
+    return None
+
+
+def warnings(config: Config) -> list[str]:
+    """Valid but risky settings, one sentence each, for ``check-config`` and the log at start and reload."""
+    out: list[str] = []
+    for i, text in enumerate(config.server.trusted_proxies):
+        net = ipaddress.ip_network(text, strict=True)
+        if net.num_addresses > 1:
+            out.append(
+                f"server.trusted_proxies[{i}]: {text} is {net.num_addresses} addresses; every one of them "
+                "may claim any client address in a PROXY header (list the balancers one by one)"
+            )
+    return out
 
 
 def upstream_scheme(url: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import trio
 
+from gateway import files
 from gateway.proto import uidl as rules
 
 SCHEMA_VERSION = 1
@@ -103,7 +104,8 @@ class UidlStore:
     """Synchronous; one instance per process, used from one thread at a time."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        files.make_private_dir(path.parent)
+        files.create_private_file(path)  # sqlite gives -wal and -shm the database's mode
         self.path = path
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")

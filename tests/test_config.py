@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import trustme
+
+from gateway import cli
 from gateway import config as cfg
 
 GOOD = """\
@@ -123,3 +127,98 @@ def test_ipv6_listen_address() -> None:
     assert cfg.parse_host_port("[::1]:110") == ("::1", 110)
     with pytest.raises(ValueError, match="out of range"):
         cfg.parse_host_port("h:70000")
+
+
+# ---------------------------------------------------------------- as strict as serve (issue 9, weakness 3)
+
+
+@pytest.mark.parametrize("key", ["trusted_proxies", "plaintext_auth_networks"])
+def test_a_network_with_host_bits_is_refused_with_key_and_line(key: str) -> None:
+    text = f'[server]\nidle_timeout = 700\n{key} = ["10.0.0.1/8"]\n'
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.loads(text)
+    assert info.value.key == f"server.{key}[0]"
+    assert info.value.line == 3
+    assert "host bits" in str(info.value) and "'10.0.0.0/8'" in str(info.value)
+
+
+def test_networks_and_single_addresses_load() -> None:
+    c = cfg.loads('[server]\ntrusted_proxies = ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32", "::1"]\n')
+    assert len(c.server.trusted_proxies) == 4
+
+
+def test_two_listeners_on_one_address_are_refused() -> None:
+    text = '[[listen]]\naddress = "127.0.0.1:1110"\n\n[[listen]]\naddress = "127.0.0.1:1110"\n'
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.loads(text)
+    assert info.value.key == "listen[1].address"
+    assert "listen[0]" in str(info.value)
+
+
+def test_a_trusted_proxy_network_is_warned_about_and_one_host_is_not() -> None:
+    c = cfg.loads('[server]\ntrusted_proxies = ["10.0.0.0/24", "192.0.2.7", "2001:db8::1/128"]\n')
+    [warning] = cfg.warnings(c)
+    assert warning.startswith("server.trusted_proxies[0]: 10.0.0.0/24 is 256 addresses")
+
+
+def _check_config(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(["check-config", str(path)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_check_config_refuses_host_bits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "gw.toml"
+    f.write_text('[server]\ntrusted_proxies = ["10.0.0.1/8"]\n')
+    code, out, err = _check_config(f, capsys)
+    assert (code, out) == (2, "")
+    assert "line 2: server.trusted_proxies[0]:" in err and "host bits" in err
+
+
+def test_serve_refuses_host_bits_as_a_configuration_error_not_a_tls_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "gw.toml"
+    f.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\nplaintext_auth_networks = ["10.0.0.1/8"]\n')
+    assert cli.main(["serve", "--config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "server.plaintext_auth_networks[0]" in err
+    assert "TLS" not in err
+
+
+def test_check_config_loads_the_tls_certificates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "gw.toml"
+    f.write_text(
+        '[[listen]]\naddress = "127.0.0.1:1110"\n\n[[listen]]\naddress = "127.0.0.1:1995"\ntls = "implicit"\n'
+        f'cert_file = "{tmp_path / "missing-cert.pem"}"\nkey_file = "{tmp_path / "key.pem"}"\n'
+    )
+    code, out, err = _check_config(f, capsys)
+    assert (code, out) == (2, "")
+    assert "listen[1].cert_file: cannot read" in err and "missing-cert.pem" in err
+
+
+def test_check_config_names_a_key_that_does_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = trustme.CA()
+    ca.issue_cert("localhost").cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    ca.issue_cert("localhost").private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    f = tmp_path / "gw.toml"
+    f.write_text(
+        f'[[listen]]\naddress = "127.0.0.1:1995"\ntls = "starttls"\ncert_file = "{tmp_path / "cert.pem"}"\n'
+        f'key_file = "{tmp_path / "key.pem"}"\n'
+    )
+    code, _, err = _check_config(f, capsys)
+    assert code == 2
+    assert "listen[0].key_file:" in err and "match" in err
+
+
+def test_check_config_prints_warnings_and_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "gw.toml"
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    f.write_text(f'[server]\nstate_dir = "{state}"\ntrusted_proxies = ["10.1.0.0/16"]\n')
+    code, out, _ = _check_config(f, capsys)
+    assert code == 0
+    assert f"{f}: warning: server.trusted_proxies[0]: 10.1.0.0/16 is 65536 addresses" in out
+    assert out.rstrip().endswith("OK (1 listener(s), upstream embedded demo)")

@@ -31,8 +31,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import trio
 
-from gateway import __version__
-from gateway.backends import tls
+from gateway import __version__, tls
 from gateway.backends.base import (
     ApopLogin,
     ApopUnavailable,
@@ -93,7 +92,7 @@ class ImapSettings:
 
 
 def client_tls_context(settings: ImapSettings) -> ssl.SSLContext:
-    return tls.client_tls_context(settings.ca_file, settings.insecure)
+    return tls.client_context(settings.ca_file, settings.insecure)
 
 
 class _Broken(Exception):

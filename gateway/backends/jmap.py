@@ -45,8 +45,8 @@ from typing import NoReturn
 import httpx
 import trio
 
-from gateway import __version__, accounts
-from gateway.backends import httpnet, tls
+from gateway import __version__, accounts, tls
+from gateway.backends import httpnet
 from gateway.backends.base import (
     ApopLogin,
     ApopUnavailable,
@@ -149,7 +149,7 @@ class _Credentials:
 
 
 def client_tls_context(settings: JmapSettings) -> ssl.SSLContext:
-    return tls.client_tls_context(settings.ca_file, settings.insecure)
+    return tls.client_context(settings.ca_file, settings.insecure)
 
 
 def _jmap_failure(exc: jmap.JmapError, what: str) -> TempFailure | PermFailure:
