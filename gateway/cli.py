@@ -394,6 +394,7 @@ async def _serve_signals(
     server: object, demo: tuple[str, str] | None, reload_config: Callable[[], cfg.Config]
 ) -> None:
     from gateway.admin import AdminSettings, load_token, serve_admin
+    from gateway.reload import ReloadRefused
     from gateway.server import Server
 
     assert isinstance(server, Server)
@@ -435,11 +436,15 @@ async def _serve_signals(
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     try:
-                        server.reload(reload_config())
+                        plan = server.reload(reload_config())
+                    except ReloadRefused as exc:
+                        log.error("SIGHUP: reload refused, keeping the running configuration: %s", exc.reason)
                     except (cfg.ConfigError, OSError, ValueError) as exc:
                         log.error("SIGHUP: reload failed, keeping the running configuration: %s", exc)
                     else:
-                        log.info("SIGHUP: configuration and TLS certificates reloaded")
+                        for warning in plan.built.warnings:
+                            log.warning("%s", warning)
+                        log.info("SIGHUP: configuration and TLS certificates reloaded (%s)", plan.describe())
                     continue
                 log.info("signal %s: draining", signal.Signals(signum).name)
                 server.drain()

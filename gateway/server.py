@@ -19,10 +19,11 @@ import urllib.parse
 
 import trio
 
-from gateway import errors
+from gateway import errors, reload, tls
 from gateway.admin import NotReady
 from gateway.backends.base import Backend, MessageGone
 from gateway.config import Config, ListenConfig
+from gateway.fdlimit import ResilientListener
 from gateway.limits import (
     AuthThrottle,
     PlaintextAuthPolicy,
@@ -38,10 +39,8 @@ from gateway.store import AsyncUidlStore
 
 
 def make_server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert_file, key_file)
-    return ctx
+    """The one server context of ``gateway.tls`` (kept under this name for callers)."""
+    return tls.server_context(cert_file, key_file)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -152,37 +151,37 @@ class Server:
 
     # -- reload
 
-    def reload(self, config: Config) -> None:
-        """SIGHUP: new TLS certificates and reloadable settings for new sessions; nothing is dropped.
-        Listener addresses and the upstream are not reloadable (they need a restart)."""
-        tls = self._load_tls(config)
-        limits, throttle = self._policies(config)
+    def reload(self, config: Config) -> reload.Reload:
+        """SIGHUP: plan the reload whole (``gateway.reload``: every new object built, and a change that
+        cannot apply live refused with ``ReloadRefused``) before anything is swapped; then swap with plain
+        assignments that cannot fail. New sessions see the new settings; running ones keep theirs."""
+        plan = reload.plan_reload(self.config, config, open_sessions=self.occupancy.active)
+        built = plan.built
+        limits = built.limits
         old = self.gate.limits
         limits._by_ip, limits._by_account = old._by_ip, old._by_account  # keep counting open sessions
-        throttle._records = self.gate.throttle._records
-        settings = self._gate_settings(config)
-        new_config = dataclasses.replace(
-            self.config,
-            server=config.server,
-            limits=config.limits,
-            log=config.log,
-            listen=tuple(
-                dataclasses.replace(old, cert_file=new.cert_file, key_file=new.key_file)
-                for old, new in zip(self.config.listen, config.listen, strict=False)
-            )
-            + self.config.listen[len(config.listen) :],
+        throttle = AuthThrottle(
+            built.throttle_policy, trio.current_time, ipv6_prefix=plan.config.limits.ipv6_prefix
         )
-        env = self._make_env(new_config)
-        # everything is built: the swap cannot fail
+        throttle._records = self.gate.throttle._records
+        settings = self._gate_settings(plan.config)
+        env = dataclasses.replace(
+            self._make_env(plan.config),
+            limits=limits,
+            plaintext=built.plaintext,
+            trusted_proxies=built.trusted_proxies,
+        )
+        # everything is built: from here on nothing can fail
         self.gate.reconfigure(limits=limits, throttle=throttle, settings=settings)
-        self._tls = tls
-        self.config = new_config
-        self._env = dataclasses.replace(env, limits=limits)
+        self._tls = dict(built.tls_contexts)
+        self.config = plan.config
+        self._env = env
+        return plan
 
     @staticmethod
     def _load_tls(config: Config) -> dict[int, ssl.SSLContext]:
         return {
-            i: make_server_tls_context(lc.cert_file, lc.key_file)
+            i: tls.server_context(lc.cert_file, lc.key_file)
             for i, lc in enumerate(config.listen)
             if lc.tls != "none"
         }
@@ -254,9 +253,10 @@ class Server:
                     async with trio.open_nursery() as accepting:
                         for i, group in groups:
                             handler = functools.partial(self._handle, self.config.listen[i], i)
+                            resilient = [ResilientListener(x, on_failure=self._accept_failed) for x in group]
                             await accepting.start(
                                 functools.partial(
-                                    trio.serve_listeners, handler, group, handler_nursery=sessions
+                                    trio.serve_listeners, handler, resilient, handler_nursery=sessions
                                 )
                             )
                         self.listening = True
@@ -274,6 +274,9 @@ class Server:
             with trio.move_on_after(self.config.server.shutdown_grace):
                 await self.occupancy.wait_idle()
             sessions.cancel_scope.cancel()
+
+    def _accept_failed(self, exc: OSError) -> None:
+        self.metrics.error("accept")
 
     async def _handle(self, lc: ListenConfig, index: int, stream: trio.abc.Stream) -> None:
         self.occupancy.opened()

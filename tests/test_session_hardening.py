@@ -297,3 +297,103 @@ def test_exceptions_are_logged_as_one_line_without_a_traceback() -> None:
     line = TextFormatter().format(record)
     assert "\n" not in line and "Traceback" not in line
     assert "exc=ValueError: boom\\x0asecond line (at test_session_hardening.py:" in line
+
+
+# ---------------------------------------------------------------- 3. reload never takes the server down
+
+
+async def test_a_reload_changing_ipv6_prefix_under_open_sessions_is_refused_and_nothing_crashes(
+    nursery: trio.Nursery,
+) -> None:
+    from gateway.reload import ReloadRefused
+
+    running = Config(listen=(ListenConfig("[::1]:0"),), limits=LimitsConfig(ipv6_prefix=64))
+    server = Server(running, CountingBackend())
+    [bound] = await nursery.start(server.serve)
+    c = Client(await trio.open_tcp_stream("::1", bound.port))
+    assert (await c.login()).startswith(b"+OK")
+    with pytest.raises(ReloadRefused):
+        server.reload(dataclasses.replace(running, limits=LimitsConfig(ipv6_prefix=128)))
+    assert await c.cmd(b"QUIT") == b"+OK Logging out"
+    assert await c.read_all() == b""
+    with trio.fail_after(5):
+        while server.active_sessions:
+            await trio.sleep(0.01)
+    again = Client(await trio.open_tcp_stream("::1", bound.port))  # still serving
+    assert (await again.login()).startswith(b"+OK")
+    server.drain()
+
+
+async def test_a_reload_changing_a_listeners_tls_mode_is_refused_and_stls_keeps_working(
+    nursery: trio.Nursery, tmp_path: object
+) -> None:
+    import ssl
+
+    import trustme
+
+    from gateway.reload import ReloadRefused
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    from pathlib import Path
+
+    base = Path(str(tmp_path))
+    cert.private_key_pem.write_to_path(base / "key.pem")
+    cert.cert_chain_pems[0].write_to_path(base / "cert.pem")
+    plain = ListenConfig("127.0.0.1:0")
+    stls = ListenConfig(
+        "127.0.0.1:0", tls="starttls", cert_file=str(base / "cert.pem"), key_file=str(base / "key.pem")
+    )
+    running = Config(listen=(plain, stls))
+    server = Server(running, CountingBackend())
+    bounds = await nursery.start(server.serve)
+    with pytest.raises(ReloadRefused):
+        server.reload(dataclasses.replace(running, listen=(stls, plain)))  # order swapped
+    with pytest.raises(ReloadRefused):
+        server.reload(dataclasses.replace(running, listen=(plain, dataclasses.replace(stls, tls="implicit"))))
+    c = Client(await trio.open_tcp_stream("127.0.0.1", bounds[1].port))
+    await c.readline()
+    assert await c.cmd(b"STLS") == b"+OK Begin TLS negotiation"
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    tls_stream = trio.SSLStream(c.stream, ctx, server_hostname="localhost")
+    await tls_stream.do_handshake()
+    secure = Client(tls_stream)
+    assert (await secure.cmd(b"CAPA")).startswith(b"+OK")
+    server.drain()
+
+
+# ---------------------------------------------------------------- 6. PROXY headers grant no privilege
+
+
+V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+MAPPED_LOOPBACK = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY TCP4 127.0.0.1 127.0.0.1 5555 110\r\n",
+        b"PROXY UNKNOWN\r\n",
+        V2_SIG + b"\x21\x21\x00\x24" + MAPPED_LOOPBACK + MAPPED_LOOPBACK + b"\x15\xb3\x00\x6e",
+        V2_SIG + b"\x20\x00\x00\x00",  # v2 LOCAL
+    ],
+    ids=["v1-loopback", "v1-unknown", "v2-mapped-loopback", "v2-local"],
+)
+async def test_a_proxied_client_never_gets_loopbacks_plaintext_permission(
+    nursery: trio.Nursery, header: bytes
+) -> None:
+    proxied_listener = ListenConfig("127.0.0.1:0", proxy_protocol=True)
+    server = Server(
+        Config(
+            server=dataclasses.replace(ServerConfig(), trusted_proxies=("127.0.0.1/32",)),
+            listen=(proxied_listener,),
+        ),
+        CountingBackend(),
+    )
+    [bound] = await nursery.start(server.serve)
+    c = Client(await trio.open_tcp_stream(bound.host, bound.port))
+    await c.stream.send_all(header)
+    assert (await c.readline()).startswith(b"+OK")
+    assert (await c.cmd(b"USER alice")).startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
+    server.drain()
