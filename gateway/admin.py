@@ -48,6 +48,7 @@ import trio
 
 from gateway.config import ADMIN_TOKEN_ENV, AdminConfig, ConfigError
 from gateway.errors import open_tcp_listeners
+from gateway.fdlimit import ResilientListener
 from gateway.limits import client_key
 from gateway.metrics import Metrics
 
@@ -251,7 +252,8 @@ async def serve_admin(
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(app.accept_loop, listener, nursery)
+                resilient = ResilientListener(listener, name=f"{address} (admin)")
+                nursery.start_soon(app.accept_loop, resilient, nursery)
             task_status.started(
                 [(str(s.socket.getsockname()[0]), int(s.socket.getsockname()[1])) for s in listeners]
             )
@@ -269,14 +271,12 @@ class _Admin:
         self.settings = settings
         self.slots = _Slots(settings.max_connections, settings.max_connections_per_ip)
 
-    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> NoReturn:
+    async def accept_loop(
+        self, listener: trio.abc.Listener[trio.SocketStream], nursery: trio.Nursery
+    ) -> NoReturn:
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                log.warning("admin accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
+            # ResilientListener rides out EMFILE and friends, with a bounded rate of log lines
+            stream = await listener.accept()
             try:
                 ip = client_key(str(stream.socket.getpeername()[0]))
             except OSError:  # gone already

@@ -114,7 +114,15 @@ async def run_session(
                 stats.result = "proxy-refused"
                 return
             stream, peer = prelude
+        refusal = _refusal(env, peer)
+        if refusal is None:
+            refused_by = env.limits.acquire_connection(peer.key)
+            if refused_by is not None:
+                refusal = pop3.SessionRefusal.TOO_MANY_FROM_ADDRESS, refused_by
+            else:
+                counted_ip = peer.key
         cfg = env.config
+        apop = refusal is None and cfg.apop and await env.backend.apop_available()
         conn = pop3.Connection(
             pop3.Settings(
                 implementation=cfg.implementation,
@@ -125,16 +133,9 @@ async def run_session(
                 max_auth_failures=cfg.max_auth_failures,
                 max_bad_commands=cfg.max_bad_commands,
             ),
-            apop_timestamp=greeting_timestamp() if env.apop and env.backend.supports_apop else None,
+            apop_timestamp=greeting_timestamp() if apop else None,
             tls_active=listener.tls == "implicit",
         )
-        refusal = _refusal(env, peer)
-        if refusal is None:
-            refused_by = env.limits.acquire_connection(peer.key)
-            if refused_by is not None:
-                refusal = pop3.SessionRefusal.TOO_MANY_FROM_ADDRESS, refused_by
-            else:
-                counted_ip = peer.key
         if refusal is not None:
             why, limit = refusal
             stats.result = f"refused-{limit.value}"

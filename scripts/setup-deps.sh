@@ -15,7 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 packages=(
     python3-venv
     dovecot-core dovecot-imapd dovecot-pop3d
-    fetchmail mpop getmail6 curl
+    fetchmail mpop getmail6 curl fdm
     systemd
     cyrus-common cyrus-caldav sasl2-bin libsasl2-modules
 )

@@ -61,6 +61,9 @@ class FakeBackend:
     name = "fake"
     supports_apop = True
 
+    async def apop_available(self) -> bool:
+        return self.supports_apop
+
     def __init__(self, users: dict[str, str], boxes: dict[str, dict[str, bytes]]) -> None:
         self.users = users
         self.boxes = boxes

@@ -27,6 +27,7 @@ from tests.realservers.clients import (
     curl_pop3,
     delivered_messages,
     pop3_url,
+    run_fdm,
     run_fetchmail,
     run_getmail,
     run_mpop,
@@ -150,6 +151,27 @@ async def test_keep_mode_client_fetches_once_then_only_new_mail(
     assert await trio.to_thread.run_sync(fetch) == 1
     delivered = by_message_id([undo_client_changes(client, m) for m in delivered_messages(work)])
     assert delivered == by_message_id([corpus.pop3_view(m) for m in [*messages, late]])
+
+
+async def test_fdm_fetches_through_the_gateway_without_being_lured_into_apop(target: Target) -> None:
+    """fdm switches to APOP whenever the greeting carries a timestamp and gives up when APOP fails: the
+    gateway offers APOP only where it can succeed (none of these accounts has an APOP secret)."""
+    import tempfile
+
+    messages = corpus.sized_messages(3, 800)
+    target.add(messages)
+    work = Path(tempfile.mkdtemp(prefix="pop3gw-fdm-"))  # fdm runs as debianfdm: not under pytest's 0700 tmp
+
+    def fetch() -> int:
+        return run_fdm(target.bound.host, target.bound.port, target.user, target.password, work)
+
+    try:
+        assert await trio.to_thread.run_sync(fetch) == 3
+        assert await trio.to_thread.run_sync(fetch) == 0  # keep + new-only: nothing twice
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.mark.parametrize(

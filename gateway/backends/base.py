@@ -126,7 +126,10 @@ class Maildrop(Protocol):
 
 class Backend(Protocol):
     name: str
-    supports_apop: bool  # APOP can succeed for some account: only then does the greeting offer it
+
+    async def apop_available(self) -> bool:
+        """Whether APOP can succeed for some account: only then does the greeting offer it."""
+        ...
 
     def open_maildrop(self, login: Login) -> AbstractAsyncContextManager[Maildrop]:
         """Authenticate and snapshot. Raises AuthFailed, TempFailure, PermFailure or InUse on entry."""

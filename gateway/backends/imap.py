@@ -548,7 +548,9 @@ def dovecot_uidl(uid: int, uidvalidity: int) -> str:
 
 class ImapBackend:
     name = "imap"
-    supports_apop = False  # the upstream needs the password itself
+
+    async def apop_available(self) -> bool:
+        return False  # the upstream needs the password itself
 
     def __init__(self, settings: ImapSettings) -> None:
         self.settings = settings

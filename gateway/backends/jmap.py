@@ -488,7 +488,9 @@ class JmapMaildrop:
 
 class JmapBackend:
     name = "jmap"
-    supports_apop = False  # the upstream needs the password itself
+
+    async def apop_available(self) -> bool:
+        return False  # the upstream needs the password itself
 
     def __init__(self, settings: JmapSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         if settings.page_size < 1:

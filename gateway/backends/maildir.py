@@ -306,7 +306,15 @@ class _MaildirMaildrop:
 
 class MaildirBackend:
     name: str = "maildir"
-    supports_apop: bool = True  # the users file may hold APOP secrets
+
+    async def apop_available(self) -> bool:
+        """Only when some account has an APOP secret: clients such as fdm switch to APOP whenever the
+        greeting offers it, and give up when it fails."""
+        try:
+            users = await self._load_users()
+        except TempFailure:
+            return False
+        return any(record.apop_secret is not None for record in users.values())
 
     def __init__(self, root: Path, users_file: Path) -> None:
         self._root = Path(root)

@@ -251,6 +251,42 @@ def _count(directory: Path) -> int:
     return sum(1 for p in directory.iterdir() if p.is_file())
 
 
+def run_fdm(
+    host: str, port: int, user: str, password: str, workdir: Path, *, timeout: float = CLIENT_TIMEOUT
+) -> int:
+    """One `fdm fetch` run (POP3, keep, new-only with a UIDL cache, delivery to workdir/Maildir).
+
+    fdm tries APOP by itself whenever the greeting carries a `<...>` timestamp, and gives up when APOP
+    fails: the reason the gateway offers APOP only where it can succeed. As root, fdm fetches as the
+    unprivileged `debianfdm` (and delivers as root): `workdir` must be reachable by it (not under
+    pytest's 0700 tmp folders), and its cache folder is given to that user."""
+    fdm = require_program("fdm")
+    import pwd
+    import shutil
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    maildir = _maildir(workdir / "Maildir")  # delivery runs as the invoking user
+    state = workdir / "state"  # the UIDL cache: written by the fetching child
+    state.mkdir(exist_ok=True)
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam("debianfdm")
+        workdir.chmod(0o755)
+        shutil.chown(state, entry.pw_uid, entry.pw_gid)
+    conf = workdir / "fdm.conf"
+    conf.touch(mode=0o600)
+    conf.chmod(0o600)
+    conf.write_text(
+        f'set lock-file "{workdir / "lock"}"\n'
+        f'account "gw" pop3 server "{host}" port {port} user "{_rc_escape(user)}" '
+        f'pass "{_rc_escape(password)}" new-only cache "{state / "cache"}" keep\n'
+        f'action "drop" maildir "{maildir}"\n'
+        'match all action "drop"\n'
+    )
+    before = _count(maildir)
+    _run([fdm, "-q", "-f", str(conf), "fetch"], timeout=timeout)
+    return _count(maildir) - before
+
+
 def _rc_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
