@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway.identity import realm_problem
+
 DEFAULT_STATE_DIR = Path("state")
 _T = typing.TypeVar("_T")
 UIDL_FORMATS = ("native", "dovecot", "uidvalidity-uid", "gmail", "hash")
@@ -65,6 +67,9 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = ()  # peers whose PROXY headers are believed
     max_auth_failures: int = 3
     implementation: str = "pop3-gateway"
+    # Which typed names are one account (see gateway/identity.py): locks, limits, throttle, UIDL namespace.
+    username_case: Literal["lower", "exact"] = "lower"  # "lower": ASCII A-Z lowercased, as Dovecot's %Lu
+    default_realm: str = ""  # when set, "alice" and "alice@<realm>" are one account
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -287,6 +292,8 @@ def validate(config: Config, text: str = "") -> None:
         fail(("server", "expire"), 'must be "NEVER" or a number of days')
     if not s.implementation.isprintable() or len(s.implementation) > 100:
         fail(("server", "implementation"), "must be printable and at most 100 characters")
+    if problem := realm_problem(s.default_realm):
+        fail(("server", "default_realm"), problem)
     if config.upstream.url:
         try:
             upstream_scheme(config.upstream.url)
