@@ -31,6 +31,7 @@ import hashlib
 from typing import TYPE_CHECKING, Final, Literal
 
 if TYPE_CHECKING:
+    from gateway.backends.base import Backend, Maildrop
     from gateway.config import ServerConfig
 
 MAX_USERNAME_OCTETS: Final = 256  # what the IMAP and JMAP backends pass through; longer is refused
@@ -82,3 +83,19 @@ def throttle_key(username: str, policy: IdentityPolicy) -> bytes:
     """The auth throttle's account key: 16 bytes of BLAKE2b of the normalised (and capped) name."""
     name = normalize(username[:_THROTTLE_NAME_CHARS], policy)
     return hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AccountKey:
+    """The keys of one logged-in account."""
+
+    key: str  # the [IN-USE] lock, the per-account limit, LOGIN-DELAY and the UIDL namespace
+    identity: str  # the maildrop's canonical account identity
+    legacy: tuple[str, ...]  # namespaces older versions used for this login (for ``durable.attach``)
+
+
+def account_key(backend: Backend, drop: Maildrop, typed: str) -> AccountKey:
+    """The keys for a maildrop that ``backend.open_maildrop`` just opened for the name ``typed``."""
+    key = backend.lock_key(drop.identity)
+    old = backend.lock_key(typed)  # before identities, the namespace was built from the typed name
+    return AccountKey(key, drop.identity, () if old == key else (old,))
