@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway.identity import realm_problem
+
 DEFAULT_STATE_DIR = Path("state")
 _T = typing.TypeVar("_T")
 UIDL_FORMATS = ("native", "dovecot", "uidvalidity-uid", "gmail", "hash")
@@ -69,6 +71,10 @@ class ServerConfig:
     max_unauthenticated: int = 0  # sessions not logged in yet at once; 0 = half of max_sessions
     max_bad_commands: int = 20  # unknown or malformed commands before login, then the session is closed
     apop: bool = True  # offer APOP (a greeting timestamp) where the account source can check it
+
+    # Which typed names are one account (see gateway/identity.py): locks, limits, throttle, UIDL namespace.
+    username_case: Literal["lower", "exact"] = "lower"  # "lower": ASCII A-Z lowercased, as Dovecot's %Lu
+    default_realm: str = ""  # when set, "alice" and "alice@<realm>" are one account
 
     @property
     def unauthenticated_cap(self) -> int:
@@ -312,6 +318,8 @@ def validate(config: Config, text: str = "") -> None:
         fail(("server", "expire"), 'must be "NEVER" or a number of days')
     if not s.implementation.isprintable() or len(s.implementation) > 100:
         fail(("server", "implementation"), "must be printable and at most 100 characters")
+    if problem := realm_problem(s.default_realm):
+        fail(("server", "default_realm"), problem)
     if config.upstream.url:
         try:
             upstream_scheme(config.upstream.url)
@@ -319,9 +327,8 @@ def validate(config: Config, text: str = "") -> None:
             fail(("upstream", "url"), str(exc))
     for name in ("plaintext_auth_networks", "trusted_proxies"):
         for i, net in enumerate(getattr(s, name)):
-            problem = network_problem(net)
-            if problem is not None:
-                fail(("server", name, i), problem)
+            if (net_problem := network_problem(net)) is not None:
+                fail(("server", name, i), net_problem)
     _validate_admin(config.admin, fail)
     lim = config.limits
     for name in ("max_sessions_per_ip", "max_sessions_per_account", "lockout_after"):

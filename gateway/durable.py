@@ -43,6 +43,10 @@ class DurableMaildrop:
     def entries(self) -> Sequence[Entry]:
         return self._entries
 
+    @property
+    def identity(self) -> str:
+        return self.inner.identity
+
     async def stream(self, index: int, *, top_lines: int | None = None) -> AsyncGenerator[bytes, None]:
         async with contextlib.aclosing(self.inner.stream(self._map[index], top_lines=top_lines)) as chunks:
             async for chunk in chunks:
@@ -89,14 +93,28 @@ async def _fingerprint(drop: Maildrop, index: int, *, whole: bool) -> tuple[str 
 
 
 async def attach(
-    drop: Maildrop, store: AsyncUidlStore, *, name: str, account: str, fmt: str
+    drop: Maildrop,
+    store: AsyncUidlStore,
+    *,
+    name: str,
+    account: str,
+    fmt: str,
+    legacy: Sequence[str] = (),
 ) -> DurableMaildrop:
-    """Give the snapshot durable UIDLs (one store transaction) and return the wrapped maildrop."""
+    """Give the snapshot durable UIDLs (one store transaction) and return the wrapped maildrop.
+
+    ``name`` is the mailbox's namespace (``identity.AccountKey.key``). When the store has none by that
+    name yet, the first of ``legacy`` (the names older versions used for this login) that it has is
+    carried over to ``name``: its UIDLs, fingerprints and imported order stay the client's."""
     entries = list(drop.entries)
     keys = tuple([e.key or e.upstream_id for e in entries])
     try:
         # The usual login: the same snapshot as last time, answered from the store's memory.
         cached = await store.cached(name, keys)
+        if not cached and legacy:
+            old = await store.adopt(name, legacy)
+            if old is not None:
+                log.warning("uidl store: mailbox %s continues as %s", old, name)
         items = [] if cached else [Item(e.stable_key, e.size, e.uidl, e.uid, e.uidvalidity) for e in entries]
         first = cached or await store.assign_or_plan(name, account, items, fmt)
         if isinstance(first, Assignment):

@@ -18,7 +18,9 @@ Rules:
   failures within the window lock the key out for ``lockout_duration`` and start its count afresh. A
   success forgets the account's failures, never the client's (a valid login must not launder an address
   that guesses other accounts' passwords). Memory is bounded: expired records are swept as it goes, and
-  at most ``max_keys`` keys are kept (the least recently failed go first).
+  at most ``max_keys`` keys are kept (the least recently failed go first). Accounts are keyed by
+  ``identity.throttle_key``: the typed name normalised by the ``identity`` policy (``ALICE`` and ``alice``
+  share one count and one lock-out), capped and hashed to 16 bytes, whatever its length.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import ipaddress
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final, Literal
+
+from gateway.identity import DEFAULT_POLICY, IdentityPolicy, throttle_key
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -258,27 +262,29 @@ class AuthThrottle:
         *,
         ipv6_prefix: int = 128,
         max_keys: int = MAX_KEYS,
+        identity: IdentityPolicy = DEFAULT_POLICY,
     ) -> None:
         if max_keys < 1:
             raise ValueError("max_keys must be >= 1")
         self.policy = policy
         self._clock = clock
         self.ipv6_prefix = ipv6_prefix
+        self.identity = identity
         self._max_keys = max_keys
-        self._records: dict[tuple[Scope, str], _Record] = {}
+        self._records: dict[tuple[Scope, str | bytes], _Record] = {}
         self._until_sweep = _SWEEP_EVERY
 
     def __len__(self) -> int:
         """Keys remembered now (for tests and a gauge)."""
         return len(self._records)
 
-    def _keys(self, ip: str, account: str | None) -> list[tuple[Scope, str]]:
-        keys: list[tuple[Scope, str]] = [("ip", client_key(ip, self.ipv6_prefix))]
+    def _keys(self, ip: str, account: str | None) -> list[tuple[Scope, str | bytes]]:
+        keys: list[tuple[Scope, str | bytes]] = [("ip", client_key(ip, self.ipv6_prefix))]
         if account is not None:
-            keys.append(("account", account))
+            keys.append(("account", throttle_key(account, self.identity)))
         return keys
 
-    def _live(self, key: tuple[Scope, str], now: float) -> _Record | None:
+    def _live(self, key: tuple[Scope, str | bytes], now: float) -> _Record | None:
         record = self._records.get(key)
         if record is not None:
             horizon = now - self.policy.window
@@ -334,7 +340,7 @@ class AuthThrottle:
 
     def record_success(self, ip: str, account: str) -> None:
         """Forget the account's failures (the client's stay until they expire)."""
-        self._records.pop(("account", account), None)
+        self._records.pop(("account", throttle_key(account, self.identity)), None)
 
     def sweep(self) -> None:
         """Drop every record with no failure in the window and no lock-out in force."""

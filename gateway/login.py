@@ -37,7 +37,7 @@ from typing import Final
 
 import trio
 
-from gateway import durable
+from gateway import durable, identity
 from gateway.backends.base import (
     ApopUnavailable,
     AuthFailed,
@@ -47,6 +47,7 @@ from gateway.backends.base import (
     PermFailure,
     TempFailure,
 )
+from gateway.identity import throttle_key
 from gateway.limits import AuthThrottle, Limit, SessionLimits, ThrottlePolicy, client_key
 from gateway.metrics import BACKENDS, ErrorKind, LoginResult, Metrics, UpstreamOp
 from gateway.proto.logins import Login
@@ -179,7 +180,7 @@ class LoginGate:
         policy = throttle.policy
         ip_key = "ip:" + client_key(ip, throttle.ipv6_prefix)
         account = login.username
-        acct_key = "account:" + account
+        acct_key = "account:" + throttle_key(account, throttle.identity).hex()  # ALICE and alice are one
         clean = throttle.failures(ip) == 0 and self._pending.get(ip_key) == 0 and not throttle.locked_out(ip)
         scope_account = None if clean else account
         with self._pending.reserve(ip_key, acct_key):
@@ -216,7 +217,8 @@ class LoginGate:
     async def _admit(
         self, login: Login, drop: Maildrop, peer: str, stack: contextlib.AsyncExitStack
     ) -> Admitted | Refused:
-        key = self.backend.lock_key(login.username)
+        acct = identity.account_key(self.backend, drop, login.username)  # one key per account
+        key = acct.key
         if self.limits.acquire_account(key) is not None:
             self.metrics.session_refused(Limit.PER_ACCOUNT)
             return self._refused(ACCOUNT_BUSY)
@@ -235,7 +237,12 @@ class LoginGate:
             try:
                 with trio.fail_after(self.settings.upstream_timeout):
                     durable_drop = await durable.attach(
-                        drop, self.store, name=key, account=login.username, fmt=self.settings.uidl_format
+                        drop,
+                        self.store,
+                        name=key,
+                        account=login.username,
+                        fmt=self.settings.uidl_format,
+                        legacy=acct.legacy,
                     )
             except (BackendError, trio.TooSlowError) as exc:
                 log.error("uidl assignment failed peer=%s user=%s: %r", peer, escape(login.username), exc)

@@ -142,7 +142,8 @@ async def read_upstream(backend: Backend, account: str, password: str) -> tuple[
         for i, entry in enumerate(drop.entries):
             header, _ = await _fingerprint(drop, i, whole=False)
             out.append(NewMessage(i, entry, header))
-    return backend.lock_key(account), out
+        name = backend.lock_key(drop.identity)  # the namespace logins use, however the name was typed
+    return name, out
 
 
 def match(old: Sequence[OldMessage], new: Sequence[NewMessage]) -> Report:

@@ -36,7 +36,8 @@ from gateway import files, tls
 from gateway.limits import PlaintextAuthPolicy, SessionLimits, ThrottlePolicy, TrustedNetworks
 
 # Sections whose keys apply live, with the keys inside them that do not.
-_LIVE_SECTIONS = {"server": {"state_dir"}, "limits": set[str]()}
+# which names are one account keys locks, limits and UIDL namespaces: never changed under open sessions
+_LIVE_SECTIONS = {"server": {"state_dir", "username_case", "default_realm"}, "limits": set[str]()}
 _LIVE_LISTENER_KEYS = {"cert_file", "key_file"}
 
 

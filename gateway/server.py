@@ -24,6 +24,7 @@ from gateway.admin import NotReady
 from gateway.backends.base import Backend, MessageGone
 from gateway.config import Config, ListenConfig
 from gateway.fdlimit import ResilientListener
+from gateway.identity import IdentityPolicy
 from gateway.limits import (
     AuthThrottle,
     PlaintextAuthPolicy,
@@ -98,7 +99,12 @@ class Server:
             lockout_after=lim.lockout_after,
             lockout_duration=lim.lockout_duration,
         )
-        return limits, AuthThrottle(policy, trio.current_time, ipv6_prefix=lim.ipv6_prefix)
+        return limits, AuthThrottle(
+            policy,
+            trio.current_time,
+            ipv6_prefix=lim.ipv6_prefix,
+            identity=IdentityPolicy.from_config(config.server),
+        )
 
     @staticmethod
     def _gate_settings(config: Config) -> GateSettings:
@@ -161,7 +167,10 @@ class Server:
         old = self.gate.limits
         limits._by_ip, limits._by_account = old._by_ip, old._by_account  # keep counting open sessions
         throttle = AuthThrottle(
-            built.throttle_policy, trio.current_time, ipv6_prefix=plan.config.limits.ipv6_prefix
+            built.throttle_policy,
+            trio.current_time,
+            ipv6_prefix=plan.config.limits.ipv6_prefix,
+            identity=IdentityPolicy.from_config(plan.config.server),
         )
         throttle._records = self.gate.throttle._records
         settings = self._gate_settings(plan.config)

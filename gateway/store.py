@@ -183,6 +183,20 @@ class UidlStore:
             return []
         return sorted(self._rows(int(row[0])).values(), key=lambda r: (r.order_pos is None, r.order_pos or 0))
 
+    def adopt(self, name: str, legacy: Sequence[str]) -> str | None:
+        """Carry the first existing mailbox of ``legacy`` over to ``name`` (renamed, rows and all) unless
+        ``name`` exists already; the old name that was carried over, or None. One transaction."""
+        with self._transaction():
+            if self.db.execute("SELECT 1 FROM mailbox WHERE name = ?", (name,)).fetchone():
+                return None
+            for old in legacy:
+                cur = self.db.execute("UPDATE mailbox SET name = ? WHERE name = ?", (name, old))
+                if cur.rowcount:
+                    self._cache.pop(old, None)
+                    self._cache.pop(name, None)
+                    return old
+        return None
+
     # -- a session's snapshot
 
     def plan(self, name: str, items: Sequence[Item]) -> Plan:
@@ -496,6 +510,9 @@ class AsyncUidlStore:
         self, name: str, account: str, items: Sequence[Item], fmt: str
     ) -> Assignment | Plan:
         return await self._run(lambda: self._s().assign_or_plan(name, account, items, fmt), op="assign")
+
+    async def adopt(self, name: str, legacy: Sequence[str]) -> str | None:
+        return await self._run(lambda: self._s().adopt(name, legacy), op="adopt")
 
     async def assign(self, *args: Any, **kwargs: Any) -> Assignment:
         return await self._run(lambda: self._s().assign(*args, **kwargs), op="assign")

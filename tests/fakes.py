@@ -24,6 +24,7 @@ class FakeMaildrop:
     def __init__(self, backend: FakeBackend, user: str) -> None:
         self.backend = backend
         self.user = user
+        self.identity = user  # the fake upstream is case-sensitive: the name as given is the account
         box = backend.boxes[user]
         self._ids = list(box)
         self._entries = [Entry(mid, wire_size(box[mid]), f"uid-{mid}") for mid in self._ids]

@@ -6,6 +6,7 @@ import ipaddress
 
 import pytest
 
+from gateway.identity import IdentityPolicy
 from gateway.limits import (
     AuthThrottle,
     Limit,
@@ -325,3 +326,50 @@ def test_ipv6_clients_of_one_prefix_share_a_throttle() -> None:
     t.record_failure("2001:db8::1", "alice")
     assert t.delay_for("2001:db8::99", "bob") == 1
     assert t.delay_for("2001:db8:0:1::1", "bob") == 0
+
+
+# ---------------------------------------------------------------- throttle keys: one per account, bounded
+
+
+def test_case_variants_of_a_name_share_one_lockout() -> None:
+    clock = FakeClock()
+    t = throttle(clock, base_delay=1, lockout_after=3)
+    for ip, name in (("192.0.2.1", "ALICE"), ("192.0.2.2", "Alice"), ("192.0.2.3", "aLiCe")):
+        t.record_failure(ip, name)
+    assert t.locked_out("198.51.100.9", "alice") == Lockout("account", clock.now + 900)
+    assert t.locked_out("198.51.100.9", "bob") is None
+
+
+def test_case_variants_of_a_name_share_one_delay_and_one_success() -> None:
+    clock = FakeClock()
+    t = throttle(clock, base_delay=1, max_delay=60)
+    t.record_failure("192.0.2.1", "ALICE")
+    t.record_failure("192.0.2.2", "alice")
+    assert t.delay_for("198.51.100.9", "Alice") == 2
+    t.record_success("198.51.100.9", "alice")
+    assert t.delay_for("198.51.100.9", "ALICE") == 0
+
+
+def test_the_default_realm_joins_a_name_and_its_qualified_form() -> None:
+    clock = FakeClock()
+    policy = IdentityPolicy(default_realm="example.com")
+    t = AuthThrottle(ThrottlePolicy(base_delay=1, lockout_after=2), clock, identity=policy)  # type: ignore[arg-type]
+    t.record_failure("192.0.2.1", "alice")
+    t.record_failure("192.0.2.2", "Alice@Example.COM")
+    assert t.locked_out("198.51.100.9", "alice") is not None
+    exact = AuthThrottle(ThrottlePolicy(base_delay=1), clock, identity=IdentityPolicy("exact"))  # type: ignore[arg-type]
+    exact.record_failure("192.0.2.1", "ALICE")
+    assert exact.delay_for("198.51.100.9", "alice") == 0  # a case-sensitive upstream: other accounts
+
+
+def test_long_guessed_names_cost_no_more_memory_than_short_ones() -> None:
+    """A guesser's 100,000 distinct 255-byte names must not fill MAX_KEYS * 255 bytes: keys are hashed.
+
+    Checked on what the throttle keeps (the allocator's totals vary with what else ran in the process)."""
+    t = throttle(FakeClock(), base_delay=1)
+    for i in range(2000):
+        t.record_failure("192.0.2.1", f"{i:0255d}")
+    account_keys = [key for scope, key in t._records if scope == "account"]
+    assert len(account_keys) == 2000
+    assert {type(k) for k in account_keys} == {bytes}
+    assert {len(k) for k in account_keys} == {16}  # not the 255-character names

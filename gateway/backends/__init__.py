@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway.backends.base import Backend
 from gateway.config import Config, ConfigError, upstream_scheme
+from gateway.identity import IdentityPolicy
 
 
 def make_backend(config: Config) -> Backend:
@@ -45,7 +46,12 @@ def make_backend(config: Config) -> Backend:
             from gateway.backends.imap import ImapBackend, ImapSettings
 
             return ImapBackend(
-                ImapSettings.from_url(url, connect_timeout=config.server.upstream_timeout, **common)
+                ImapSettings.from_url(
+                    url,
+                    connect_timeout=config.server.upstream_timeout,
+                    identity=IdentityPolicy.from_config(config.server),
+                    **common,
+                )
             )
         if scheme in ("jmap+http", "jmap+https"):
             from gateway.backends.jmap import JmapBackend, JmapSettings

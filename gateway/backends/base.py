@@ -4,6 +4,7 @@ A session's life against a backend:
 
     async with backend.open_maildrop(login) as drop:     # at PASS / APOP / AUTH
         drop.entries                                       # fixed for the session
+        backend.lock_key(drop.identity)                    # one key per account, however it was typed
         async for chunk in drop.stream(index, top_lines=None):   # RETR / TOP
             ...
         await drop.apply_deletions(indexes)               # only at QUIT, once
@@ -106,6 +107,13 @@ class Maildrop(Protocol):
     @property
     def entries(self) -> Sequence[Entry]: ...
 
+    @property
+    def identity(self) -> str:
+        """The account this maildrop belongs to, the same for every spelling of the user name that opens
+        it: the upstream's own name where it gives one (JMAP: the mail accountId), else the user name
+        normalised by the configured policy (see ``gateway.identity``). ``Backend.lock_key`` takes it."""
+        ...
+
     def stream(self, index: int, *, top_lines: int | None = None) -> AsyncGenerator[bytes, None]:
         """Yield the message at 0-based ``index`` of ``entries``. Raises MessageGone or TempFailure.
 
@@ -135,8 +143,11 @@ class Backend(Protocol):
         """Authenticate and snapshot. Raises AuthFailed, TempFailure, PermFailure or InUse on entry."""
         ...
 
-    def lock_key(self, username: str) -> str:
-        """The key of the maildrop ``username`` opens, for the [IN-USE] lock (account + folder)."""
+    def lock_key(self, identity: str) -> str:
+        """The key of the maildrop of the account ``identity`` (a ``Maildrop.identity``): upstream +
+        account + folder, for the [IN-USE] lock, the per-account limits and the UIDL namespace. Before
+        identities it was given the typed user name: ``gateway.identity.account_key`` still asks for that
+        form too, to carry old UIDL namespaces over."""
         ...
 
     async def aclose(self) -> None: ...

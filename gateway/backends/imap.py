@@ -5,6 +5,8 @@
 - Login: the POP3 credentials are passed through, with LOGIN, or AUTHENTICATE PLAIN when the server
   disabled LOGIN. The sans-IO encoder turns them into quoted strings or literals, so no byte of them can
   become a command. ID is sent when offered.
+- Identity: IMAP names no canonical user (Dovecot 2.3 and Cyrus 3.6 answer LOGIN, ID and NAMESPACE
+  without it), so the maildrop's ``identity`` is the typed name normalised by ``settings.identity``.
 - Snapshot: SELECT, then ONE ``UID FETCH 1:* (UID RFC822.SIZE)``: the round trips do not grow with the
   mailbox. Ordered by UID. UIDLs are Dovecot's default: ``%08x`` UID + ``%08x`` UIDVALIDITY.
 - RETR streams ``UID FETCH uid (BODY.PEEK[])`` from the literal to the client; TOP fetches bounded ranges
@@ -45,6 +47,7 @@ from gateway.backends.base import (
     TempFailure,
 )
 from gateway.backends.readahead import ReadAhead, chunks
+from gateway.identity import DEFAULT_POLICY, IdentityPolicy, normalize
 from gateway.proto import imap
 from gateway.proto import uidl as rules
 
@@ -75,6 +78,7 @@ class ImapSettings:
     delete_policy: str = "expunge"
     mark_seen: bool = False
     connect_timeout: float = 15.0
+    identity: IdentityPolicy = DEFAULT_POLICY  # IMAP reports no canonical user name: normalise ours
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> ImapSettings:
@@ -398,8 +402,10 @@ class ImapMaildrop:
         uids: list[int],
         fixes: dict[tuple[str, int, int], int],
         fix_key: str,
+        identity: str,
     ) -> None:
         self.conn = conn
+        self.identity = identity
         self.settings = settings
         self._entries = entries
         self._uids = uids
@@ -561,9 +567,9 @@ class ImapBackend:
             str, tuple[tuple[int, int, tuple[tuple[int, str], ...]], list[tuple[int, int]], list[Entry]]
         ] = collections.OrderedDict()
 
-    def lock_key(self, username: str) -> str:
+    def lock_key(self, identity: str) -> str:
         s = self.settings
-        return f"imap:{s.host}:{s.port}:{username}:{s.folder}"
+        return f"imap:{s.host}:{s.port}:{identity}:{s.folder}"
 
     @contextlib.asynccontextmanager
     async def open_maildrop(self, login: Login) -> AsyncIterator[ImapMaildrop]:
@@ -578,7 +584,7 @@ class ImapBackend:
         conn = await ImapConnection.connect(self.settings, self._tls)
         try:
             await self._login(conn, login.username, login.password)
-            drop = await self._snapshot(conn, login.username)
+            drop = await self._snapshot(conn, normalize(login.username, self.settings.identity))
             yield drop
         finally:
             await conn.logout()
@@ -604,7 +610,7 @@ class ImapBackend:
         if "ID" in conn.client.capabilities:
             await conn.command("ID", ["name", "pop3-gateway", "version", __version__])
 
-    async def _snapshot(self, conn: ImapConnection, user: str) -> ImapMaildrop:
+    async def _snapshot(self, conn: ImapConnection, identity: str) -> ImapMaildrop:
         tagged, untagged = await conn.command("SELECT", self.settings.folder)
         if tagged.condition is not imap.Condition.OK:
             raise PermFailure(f"cannot select {self.settings.folder!r}: {tagged.text}")
@@ -643,7 +649,7 @@ class ImapBackend:
                 if emailid:
                     emailids[uid] = emailid
         rows = sorted(dict(rows).items())
-        fix_key = self.lock_key(user)
+        fix_key = self.lock_key(identity)
         fixes = self._size_fixes
         uids = [uid for uid, _ in rows]
         # The same mailbox as last time (same UIDs and sizes, UIDVALIDITY, no new size correction): the
@@ -652,7 +658,7 @@ class ImapBackend:
         cached = self._entries_cache.get(fix_key)
         if cached is not None and cached[0] == fingerprint and cached[1] == rows:
             self._entries_cache.move_to_end(fix_key)
-            return ImapMaildrop(conn, self.settings, cached[2], uids, fixes, fix_key)
+            return ImapMaildrop(conn, self.settings, cached[2], uids, fixes, fix_key, identity)
         # This runs for every message at every login: the constant parts are formatted once.
         suffix = f"{uidvalidity:08x}"
         key_prefix = f"u:{uidvalidity}:"
@@ -672,7 +678,7 @@ class ImapBackend:
         while cached_messages > ENTRIES_CACHE_MESSAGES and len(self._entries_cache) > 1:
             _, (_, _, dropped) = self._entries_cache.popitem(last=False)
             cached_messages -= len(dropped)
-        return ImapMaildrop(conn, self.settings, entries, uids, fixes, fix_key)
+        return ImapMaildrop(conn, self.settings, entries, uids, fixes, fix_key, identity)
 
     async def aclose(self) -> None:
         pass

@@ -11,6 +11,8 @@
   the bearer token instead, the POP3 password is checked against the users file (as the maildir backend
   does), and the account is the session's mail account named like the POP3 user (or the primary one
   when the session's username is the POP3 user). APOP is refused: it cannot be passed through.
+- Identity: the maildrop's ``identity`` is the mail accountId the session gave, so every spelling of a
+  user name the upstream accepts (Cyrus lowercases ``ALICE``) is one account for locks and UIDLs.
 - Snapshot: Mailbox/get finds the folder (``INBOX`` = role inbox, else a name or ``A/B`` path), then
   Email/query pages (``position`` + ``limit``, oldest ``receivedAt`` first), each followed in the same
   request by an Email/get of ``id``, ``blobId`` and ``size`` through a back-reference; a page never
@@ -307,6 +309,8 @@ class JmapMaildrop:
         self._mailbox_id = mailbox_id
         self._records = records
         account = view.account.id
+        # the upstream's own name for the account, however the user name was typed (Cyrus: ALICE -> alice)
+        self.identity = account
         pop3_sizes = backend._pop3_sizes
         self._entries = [
             Entry(r.id, pop3_sizes.get((account, r.id), r.size), jmap.uidl_for(r.id)) for r in records
@@ -502,8 +506,8 @@ class JmapBackend:
         self._pop3_sizes: dict[tuple[str, str], int] = {}
         self._scrypt_limiter = trio.CapacityLimiter(2)
 
-    def lock_key(self, username: str) -> str:
-        return f"jmap:{self.settings.origin}:{username}:{self.settings.folder}"
+    def lock_key(self, identity: str) -> str:
+        return f"jmap:{self.settings.origin}:{identity}:{self.settings.folder}"
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):

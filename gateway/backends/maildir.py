@@ -225,11 +225,17 @@ class _TopCutter:
 
 
 class _MaildirMaildrop:
-    __slots__ = ("_entries", "_fixes", "_maildir", "_paths")
+    __slots__ = ("_entries", "_fixes", "_maildir", "_paths", "identity")
 
     def __init__(
-        self, maildir: Path, entries: tuple[Entry, ...], paths: list[Path], fixes: dict[tuple[str, str], int]
+        self,
+        maildir: Path,
+        entries: tuple[Entry, ...],
+        paths: list[Path],
+        fixes: dict[tuple[str, str], int],
+        identity: str,
     ) -> None:
+        self.identity = identity
         self._maildir = maildir
         self._entries = entries
         self._paths = paths  # current known path of each entry; updated when found moved
@@ -325,8 +331,8 @@ class MaildirBackend:
         # scrypt takes 16 MiB and a core for ~50 ms: do not run forty of them at once
         self._scrypt_limiter = trio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
 
-    def lock_key(self, username: str) -> str:
-        return f"maildir:{self._root}:{username}"
+    def lock_key(self, identity: str) -> str:
+        return f"maildir:{self._root}:{identity}"
 
     async def aclose(self) -> None:
         pass
@@ -334,7 +340,8 @@ class MaildirBackend:
     @contextlib.asynccontextmanager
     async def open_maildrop(self, login: Login) -> AsyncIterator[_MaildirMaildrop]:
         username = await self._authenticate(login)
-        yield await self._snapshot(self._root / username)
+        # the users file's own spelling is the identity: it names the account and its folder
+        yield await self._snapshot(self._root / username, username)
 
     # -- authentication
 
@@ -387,7 +394,7 @@ class MaildirBackend:
 
     # -- snapshot
 
-    async def _snapshot(self, maildir: Path) -> _MaildirMaildrop:
+    async def _snapshot(self, maildir: Path, identity: str) -> _MaildirMaildrop:
         try:
             files = await trio.to_thread.run_sync(_list_maildir, maildir)
         except OSError as exc:
@@ -426,7 +433,7 @@ class MaildirBackend:
             Entry(f.base, fixes.get((str(maildir), f.base), size), uidl_or_sha1(f.base))
             for f, size in present
         )
-        return _MaildirMaildrop(maildir, entries, [f.path for f, _ in present], fixes)
+        return _MaildirMaildrop(maildir, entries, [f.path for f, _ in present], fixes, identity)
 
 
 def _apop_matches(timestamp: str, secret: str, digest: str) -> bool:
