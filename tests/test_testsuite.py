@@ -1,11 +1,20 @@
-"""The suite's own guarantees: a hung test names itself and where it hung, and a test that starts a real
-server or client without the `realserver` marker fails instead of hiding in the fast loop.
+"""The suite's own guarantees: a hung test names itself and where it hung, a test that starts a real
+server or client without the `realserver` marker fails instead of hiding in the fast loop, and a gateway
+process tells its tests the port it bound.
 
-Each runs a small pytest session in-process (pytester) with this suite's conftest hooks."""
+Most run a small pytest session in-process (pytester) with this suite's conftest hooks."""
 
 from __future__ import annotations
 
+import poplib
+import re
+import signal
+from pathlib import Path
+
+import httpx
 import pytest
+
+from tests.gwproc import spawn_gateway
 
 pytest_plugins = ["pytester"]
 
@@ -134,3 +143,20 @@ def test_real_server_fixtures_and_client_tests_are_marked_realserver(inner: pyte
     )
     result = inner.runpytest_inprocess("-m", "not realserver", "--collect-only", "-q")
     result.stdout.fnmatch_lines(["test_marks.py::test_fast", "*1/5 tests collected (4 deselected)*"])
+
+
+def test_a_gateway_process_on_port_0_reports_its_ports_and_its_log(tmp_path: Path) -> None:
+    gateway = spawn_gateway(tmp_path, f"maildir://{tmp_path / 'mail'}")
+    try:
+        assert gateway.port > 0 and gateway.host == "127.0.0.1"
+        p = poplib.POP3(gateway.host, gateway.port, timeout=10)
+        assert p.getwelcome().startswith(b"+OK")
+        p.quit()
+        assert httpx.get(f"http://127.0.0.1:{gateway.admin_port()}/healthz", timeout=5).status_code == 200
+        mark = gateway.lines_so_far()
+        gateway.proc.send_signal(signal.SIGHUP)
+        reloaded = gateway.wait_for_line(re.compile(rb"SIGHUP: .*reload"), after=mark)
+        assert b"SIGHUP" in reloaded.group(0)
+    finally:
+        assert gateway.stop() == 0
+    assert "listening on 127.0.0.1:" in gateway.stderr_text()
