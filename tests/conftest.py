@@ -1,7 +1,14 @@
-"""Shared fixtures: one private Dovecot per session, and a fresh mail user per test."""
+"""Shared fixtures (one private Dovecot and Cyrus per session, a fresh mail user per test) and the markers.
+
+Every test that starts a real server or program carries the `realserver` marker, so that
+`pytest -m "not realserver"` is the fast loop: tests using the `dovecot` or `cyrus` fixture get it here,
+tests marked `client` get it too, and the rest say it themselves (`pytestmark`). A test that starts one
+without the marker fails (`tests.realservers.fs.require_program` refuses), so a missing marker cannot hide.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import secrets
@@ -12,10 +19,46 @@ from pathlib import Path
 
 import pytest
 
+from tests.realservers import fs
 from tests.realservers.cyrus import Cyrus, start_cyrus
 from tests.realservers.dovecot import Dovecot, MailUser, start_dovecot
 
+pytest_plugins = ["tests.timeouts"]
+
 _user_numbers = itertools.count(1)
+REAL_SERVER_FIXTURES = frozenset({"dovecot", "cyrus"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`realserver` on every test that uses a real-server fixture (directly or through another fixture)
+    or carries `client`."""
+    for item in items:
+        uses = REAL_SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if uses or item.get_closest_marker("client") is not None:
+            item.add_marker(pytest.mark.realserver)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _real_programs_allowed(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _real_programs_allowed(item):
+        return (yield)
+
+
+@contextlib.contextmanager
+def _real_programs_allowed(item: pytest.Item) -> Iterator[None]:
+    """While an unmarked test sets up and runs, `require_program` refuses. Not in teardown: session fixtures
+    (a Dovecot started by an earlier, marked test) stop during whichever test happens to be last."""
+    fs.unmarked_test = None if item.get_closest_marker("realserver") else item.nodeid
+    try:
+        yield
+    finally:
+        fs.unmarked_test = None
 
 
 @pytest.fixture(scope="session")

@@ -226,6 +226,7 @@ def test_dockerignore_lets_through_exactly_what_the_containerfile_copies() -> No
     assert copied == allowed
 
 
+@pytest.mark.realserver  # pip builds and installs the package into a fresh venv: ~10 s, not for the fast loop
 def test_containerfile_run_steps_work_as_a_script_here(tmp_path: Path) -> None:
     scratch = {
         "PREFIX": str(tmp_path / "opt"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import re
 import tomllib
 import typing
@@ -120,13 +121,14 @@ CITATION = re.compile(r"`?(tests/[\w/]+\.py)::(test_\w+)`?")
 PATH = re.compile(r"`((?:gateway|tests|deploy|docs)/[\w./-]+)`")
 
 
-def defined_tests(path: Path) -> set[str]:
+@functools.cache  # the docs cite hundreds of tests in a few big files: parse each file once
+def defined_tests(path: Path) -> frozenset[str]:
     tree = ast.parse(path.read_text())
-    return {
+    return frozenset(
         node.name
         for node in ast.walk(tree)
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test_")
-    }
+    )
 
 
 def broken_citations(text: str) -> list[str]:

@@ -21,6 +21,7 @@ from gateway.store import AsyncUidlStore
 from tests.realservers import corpus
 from tests.realservers.dovecot import Dovecot, MailUser
 from tests.tcpproxy import RecordingProxy
+from tests.waits import until
 
 pytestmark = pytest.mark.realserver
 
@@ -39,11 +40,16 @@ def make_server(dovecot: Dovecot, *, tls: str = "none", port: int | None = None,
 
 
 @pytest.fixture
-async def gateway(nursery: trio.Nursery, dovecot: Dovecot) -> AsyncIterator[Bound]:
+async def served(nursery: trio.Nursery, dovecot: Dovecot) -> AsyncIterator[tuple[Server, Bound]]:
     server = make_server(dovecot)
     [bound] = await nursery.start(server.serve)
-    yield bound
+    yield server, bound
     server.drain()
+
+
+@pytest.fixture
+def gateway(served: tuple[Server, Bound]) -> Bound:
+    return served[1]
 
 
 async def in_thread(fn: Callable[[], Any]) -> Any:
@@ -180,8 +186,9 @@ async def test_dele_quit_removes_exactly_the_marked_and_keeps_another_clients_de
 
 
 async def test_dele_then_dropped_connection_removes_nothing(
-    gateway: Bound, dovecot: Dovecot, mail_user: MailUser
+    served: tuple[Server, Bound], dovecot: Dovecot, mail_user: MailUser
 ) -> None:
+    server, gateway = served
     uids = dovecot.append(mail_user.name, mail_user.password, corpus.sized_messages(3, 1000))
 
     def fn() -> None:
@@ -193,7 +200,7 @@ async def test_dele_then_dropped_connection_removes_nothing(
         p.sock.close()  # no QUIT
 
     await in_thread(fn)
-    await trio.sleep(0.3)
+    await until(lambda: server.active_sessions == 0)  # the session has ended: a wrong EXPUNGE came before
     assert uids_in(dovecot, mail_user) == uids
 
 
@@ -337,9 +344,8 @@ async def test_credentials_never_become_a_second_command(
     reply = await in_thread(fn)
     assert "[AUTH]" in reply
     if len(password.encode()) <= 1024:
-        with trio.fail_after(5):  # the proxy may record the upstream LOGOUT after the client's reply
-            while b"LOGOUT" not in b"".join(proxy.client_bytes):
-                await trio.sleep(0.01)
+        # the proxy may record the upstream LOGOUT after the client's reply
+        await until(lambda: b"LOGOUT" in b"".join(proxy.client_bytes), timeout=5)
     wire = b"".join(proxy.client_bytes)
     # parse what the gateway sent: every command line starts with one of our tags, and the strings were
     # sent as literals, so the password's CRLF and fake tags sit inside literal data only

@@ -14,11 +14,12 @@ import trio
 from gateway.backends.imap import ImapBackend, ImapSettings
 from gateway.config import Config, ListenConfig
 from gateway.server import Server
-from tests.gwproc import free_port, spawn_gateway
+from tests.gwproc import spawn_gateway
 from tests.realservers import corpus
 from tests.realservers.dovecot import Dovecot, MailUser
 from tests.tcpproxy import RecordingProxy
 from tests.test_imap_backend import imap_for, in_thread, make_server, pop3_session, uids_in
+from tests.waits import until
 
 pytestmark = pytest.mark.realserver
 
@@ -50,9 +51,8 @@ async def test_snapshot_round_trips_do_not_grow_with_the_mailbox(
     dovecot.append(mail_user.name, mail_user.password, corpus.sized_messages(300, 500))
     count = await in_thread(lambda: pop3_session(bound.host, bound.port, mail_user, lambda p: p.stat()[0]))  # type: ignore[attr-defined]
     assert count == 303
-    with trio.fail_after(5):  # the upstream LOGOUT is sent after the client's QUIT was answered
-        while not all(commands(c)[-1:] == [b"LOGOUT"] for c in proxy.client_bytes):
-            await trio.sleep(0.01)
+    # the upstream LOGOUT is sent after the client's QUIT was answered
+    await until(lambda: all(commands(c)[-1:] == [b"LOGOUT"] for c in proxy.client_bytes), timeout=5)
     small, large = commands(proxy.client_bytes[0]), commands(proxy.client_bytes[1])
     assert small == large
     assert small.count(b"UID FETCH") == 1
@@ -225,8 +225,7 @@ async def test_quotes_backslashes_and_braces_reach_dovecot_exactly(
     nursery: trio.Nursery, dovecot: Dovecot, mail_user: MailUser
 ) -> None:
     tricky = MailUser(mail_user.name + "x", 'pa"ss\\wo{5}rd \u00e4')
-    dovecot.add_user(tricky.name, tricky.password)
-    await trio.sleep(1.1)  # Dovecot re-reads a passwd-file at most once a second
+    dovecot.add_user(tricky.name, tricky.password)  # a new user is a new passwd-file: read at once
     dovecot.append(tricky.name, tricky.password, corpus.sized_messages(2, 500))
     server = make_server(dovecot)
     [bound] = await nursery.start(server.serve)
@@ -265,16 +264,14 @@ def test_a_50_mb_message_streams_in_flat_memory(
 ) -> None:
     big = corpus.big_message(50 * 1024 * 1024)
     dovecot.append(mail_user.name, mail_user.password, [corpus.sized_message(0, 10_000), big])
-    port = free_port()
-    proc = spawn_gateway(tmp_path, port, f"imap://{dovecot.host}:{dovecot.imap_port}")
+    gateway = spawn_gateway(tmp_path, f"imap://{dovecot.host}:{dovecot.imap_port}")
     try:
-        _retr_discard(port, mail_user, 1)  # warm up: imports, TLS-free code paths, buffers
-        baseline = _hwm_kib(proc.pid)
-        received = _retr_discard(port, mail_user, 2)
-        peak = _hwm_kib(proc.pid)
+        _retr_discard(gateway.port, mail_user, 1)  # warm up: imports, TLS-free code paths, buffers
+        baseline = _hwm_kib(gateway.pid)
+        received = _retr_discard(gateway.port, mail_user, 2)
+        peak = _hwm_kib(gateway.pid)
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        gateway.stop()
     assert received >= len(big)
     print(f"gateway RSS high-water mark: {baseline} KiB after a small RETR, {peak} KiB after 50 MiB")
     assert peak - baseline < 16 * 1024, (

@@ -30,6 +30,7 @@ from tests.realservers.clients import (
 from tests.realservers.cyrus import MAX_OBJECTS_IN_GET, Cyrus
 from tests.realservers.dovecot import MailUser
 from tests.tcpproxy import RecordingProxy
+from tests.waits import until
 
 pytestmark = pytest.mark.realserver
 
@@ -90,8 +91,7 @@ async def start_gateway(
         gateway.server.drain()
     with trio.fail_after(10):
         for gateway in started:
-            while gateway.server.active_sessions:
-                await trio.sleep(0.01)
+            await gateway.server.drained.wait()
             await gateway.backend.aclose()
         for store in stores:
             await store.aclose()
@@ -304,9 +304,7 @@ async def test_dele_then_a_dropped_connection_changes_nothing(
         p.sock.close()  # no QUIT
 
     await in_thread(fn)
-    with trio.fail_after(5):
-        while gw.server.active_sessions:
-            await trio.sleep(0.01)
+    await until(lambda: gw.server.active_sessions == 0, timeout=5)  # the session has ended, without QUIT
     assert _state(cyrus, user) == before
 
 

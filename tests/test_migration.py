@@ -143,7 +143,8 @@ async def test_clients_download_nothing_after_migration(
     second = await trio.to_thread.run_sync(run_all, bound.port)
     assert second == dict.fromkeys(CLIENTS, 0)
     server.drain()
-    await trio.sleep(0.05)
+    with trio.fail_after(10):
+        await server.drained.wait()
     await store.aclose()
 
     show = subprocess.run(

@@ -9,7 +9,6 @@ import os
 import poplib
 import signal
 import sqlite3
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from gateway.backends.imap import ImapBackend, ImapSettings
 from gateway.config import Config, ListenConfig, ServerConfig
 from gateway.server import Bound, Server
 from gateway.store import AsyncUidlStore
-from tests.gwproc import free_port, spawn_gateway
+from tests.gwproc import SpawnedGateway, spawn_gateway
 from tests.realservers import corpus
 from tests.realservers.clients import run_fetchmail, run_getmail, run_mpop
 from tests.realservers.dovecot import Dovecot, MailUser
@@ -50,7 +49,8 @@ async def start_gateway(
 
 async def stop_gateway(server: Server) -> None:
     server.drain()
-    await trio.sleep(0.05)
+    with trio.fail_after(10):
+        await server.drained.wait()
     assert server.store is not None
     await server.store.aclose()
 
@@ -148,8 +148,8 @@ async def test_unmatched_messages_get_new_uidls_and_old_ones_are_never_reused(
     await stop_gateway(server)
 
 
-def _spawn(state: Path, port: int, dovecot: Dovecot) -> subprocess.Popen[bytes]:
-    return spawn_gateway(state, port, f"imap://{dovecot.host}:{dovecot.imap_port}")
+def _spawn(state: Path, dovecot: Dovecot) -> SpawnedGateway:
+    return spawn_gateway(state, f"imap://{dovecot.host}:{dovecot.imap_port}")
 
 
 def test_sigkill_mid_session_changes_no_uidl_and_deletes_nothing(
@@ -157,14 +157,13 @@ def test_sigkill_mid_session_changes_no_uidl_and_deletes_nothing(
 ) -> None:
     uids = dovecot.append(mail_user.name, mail_user.password, corpus.sized_messages(20, 800))
     state = tmp_path / "state"
-    port = free_port()
-    proc = _spawn(state, port, dovecot)
-    bound = Bound("127.0.0.1", port, "none")
+    gateway = _spawn(state, dovecot)
+    proc = gateway.proc
     try:
-        before = uidl_list(bound, mail_user)
+        before = uidl_list(Bound(gateway.host, gateway.port, "none"), mail_user)
         # new mail arrives, a session sees it (UIDLs assigned), marks deletions, and the gateway dies
         dovecot.append(mail_user.name, mail_user.password, corpus.sized_messages(5, 900, tag="late"))
-        p = poplib.POP3("127.0.0.1", port, timeout=30)
+        p = poplib.POP3(gateway.host, gateway.port, timeout=30)
         p.user(mail_user.name)
         p.pass_(mail_user.password)
         seen = list(p.uidl()[1])
@@ -181,12 +180,11 @@ def test_sigkill_mid_session_changes_no_uidl_and_deletes_nothing(
     db = sqlite3.connect(state / "uidl.sqlite3")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
-    proc = _spawn(state, port, dovecot)
+    gateway = _spawn(state, dovecot)  # on a new port: the client's UIDL memory is by user, not by port
     try:
-        after = uidl_list(bound, mail_user)
+        after = uidl_list(Bound(gateway.host, gateway.port, "none"), mail_user)
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        gateway.stop()
     assert after[: len(before)] == before
     assert after == seen  # including the UIDLs given just before the kill
     assert len(after) == 25
@@ -227,5 +225,6 @@ async def test_renumbering_reads_all_headers_in_one_round_trip(
     assert wire.count(b"BODY.PEEK[HEADER]") == 1
     assert wire.count(b"UID FETCH") == 2  # the snapshot and the one header fetch
     server.drain()
-    await trio.sleep(0.05)
+    with trio.fail_after(10):
+        await server.drained.wait()
     await store.aclose()

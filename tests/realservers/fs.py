@@ -15,8 +15,25 @@ class MissingProgram(RuntimeError):
     """A program (or system user) the real-server tests need is not installed: run `make deps`."""
 
 
+class UnmarkedRealServerTest(AssertionError):
+    """A test without the `realserver` marker started a real program: it would hide in the fast loop."""
+
+
+# The node id of the test now running when it lacks the `realserver` marker (set by tests/conftest.py);
+# None outside pytest (benchmarks) and for marked tests.
+unmarked_test: str | None = None
+
+
 def require_program(name: str) -> str:
-    """The absolute path of `name`, looked up on PATH and then in the sbin folders (not on every PATH)."""
+    """The absolute path of `name`, looked up on PATH and then in the sbin folders (not on every PATH).
+
+    Every real server and client is started through here, so here a test without the `realserver` marker
+    is refused."""
+    if unmarked_test is not None:
+        raise UnmarkedRealServerTest(
+            f"{unmarked_test} runs {name} but has no `realserver` marker; add `pytestmark = "
+            "pytest.mark.realserver` (or `@pytest.mark.realserver`) so `-m 'not realserver'` leaves it out"
+        )
     path = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
     if path is None:
         raise MissingProgram(f"{name!r} is not installed; run `make deps` (scripts/setup-deps.sh) as root")
