@@ -275,6 +275,7 @@ class Server:
                     for _, group in groups:
                         for listener in group:
                             await trio.aclose_forcefully(listener)
+                self.listening = False  # every listener is closed: a connection attempt is refused now
             log.info(
                 "draining: %d session(s) open, grace %.0f s",
                 self.occupancy.active,

@@ -80,36 +80,32 @@ def test_user_add_refuses_a_bad_name(tmp_path: Path) -> None:
     assert "invalid user name" in out.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_demo_then_sigterm_drains(tmp_path: Path) -> None:
-    port = free_port()
     proc = subprocess.Popen(
-        [*EXE, "serve", "--state-dir", str(tmp_path), "--listen", f"127.0.0.1:{port}", "--admin-listen", ""],
+        [*EXE, "serve", "--state-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--admin-listen", ""],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
         banner = ""
         deadline = time.monotonic() + 20
         while "curl -u demo:" not in banner and time.monotonic() < deadline:
             banner += proc.stdout.readline()
         password = (tmp_path / "demo-password").read_text().strip()
-        assert f"curl -u demo:{password} pop3://127.0.0.1:{port}/1" in banner
+        found = re.search(rf"curl -u demo:{re.escape(password)} pop3://127\.0\.0\.1:(\d+)/1", banner)
+        assert found, banner  # port 0: the banner names the port it bound
+        port = int(found.group(1))
         p = poplib.POP3("127.0.0.1", port, timeout=10)
         p.user("demo")
         p.pass_(password)
         count, _ = p.stat()
         assert count == 3
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        while "draining" not in (line := proc.stderr.readline()):  # accepting has stopped
+            assert line, "the gateway ended without draining"
         # the live session may still finish during the grace period
         p.dele(1)
         assert p.quit().startswith(b"+OK")

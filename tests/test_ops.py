@@ -10,14 +10,10 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import poplib
+import re
 import signal
-import socket
 import ssl
-import subprocess
-import sys
-import time
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -34,9 +30,11 @@ from gateway.logsetup import JsonFormatter
 from gateway.proto.proxy import Address, format_v1, format_v2
 from gateway.server import Bound, Server
 from tests.fakes import FakeBackend
+from tests.gwproc import spawn_serve
 from tests.realservers import corpus
 from tests.realservers.dovecot import Dovecot, MailUser
 from tests.test_server import MSG1, MSG2, MSG3, Client
+from tests.waits import until
 
 SECRET = "S3cr3t-Hunter2-\u00e9"
 
@@ -177,7 +175,7 @@ async def test_proxy_v1_gives_the_real_address_and_plaintext_is_refused_off_loop
     assert (await c.cmd(b"USER alice")).startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
     await c.cmd(b"QUIT")
     await c.read_all()
-    await trio.sleep(0.05)
+    await until(lambda: server.active_sessions == 0)
     assert "peer=192.0.2.7:5555" in caplog.text
     server.drain()
 
@@ -276,15 +274,14 @@ async def test_metrics_change_as_sessions_run_and_admin_answers(nursery: trio.Nu
             q.quit()
 
         await trio.to_thread.run_sync(run)
-        await trio.sleep(0.05)
+        await until(lambda: server.active_sessions == 0)
         after = (await http.get(base + "/metrics")).text
         assert "pop3_gateway_sessions_total 2.0" in after
         assert 'pop3_gateway_logins_total{result="ok"} 1.0' in after
         assert 'pop3_gateway_logins_total{result="auth"} 1.0' in after
         assert 'pop3_gateway_commands_total{verb="RETR"} 1.0' in after
         assert (server.metrics.sample("pop3_gateway_sent_bytes_total") or 0) > len(MSG1)
-        server.drain()
-        await trio.sleep(0.05)
+        server.drain()  # readiness fails at once: draining is set by drain() itself
         not_ready = await http.get(base + "/readyz")
         assert not_ready.status_code == 503
         assert "draining" in not_ready.text
@@ -308,7 +305,7 @@ async def test_session_end_is_one_structured_line(
     await c.cmd(b"DELE 3")
     await c.cmd(b"QUIT")
     await c.read_all()
-    await trio.sleep(0.05)
+    await until(lambda: any(getattr(r, "fields", None) for r in caplog.records))
     [record] = [r for r in caplog.records if getattr(r, "fields", None)]
     fields = record.fields  # type: ignore[attr-defined]
     assert fields["user"] == "alice" and fields["result"] == "quit"
@@ -336,7 +333,6 @@ async def test_passwords_tokens_and_auth_payloads_never_reach_logs_or_reprs(
     caplog.set_level(logging.DEBUG)
     user = MailUser(mail_user.name + "r", SECRET)
     dovecot.add_user(user.name, user.password)
-    await trio.sleep(1.1)
     dovecot.append(user.name, user.password, corpus.sized_messages(2, 500))
     cfg = config()
     server = Server(cfg, ImapBackend(ImapSettings(dovecot.host, dovecot.imap_port, "none")))
@@ -368,7 +364,7 @@ async def test_passwords_tokens_and_auth_payloads_never_reach_logs_or_reprs(
             p.quit()
 
     await trio.to_thread.run_sync(sessions)
-    await trio.sleep(0.1)
+    await until(lambda: server.active_sessions == 0)
     token_cfg = dataclasses.replace(cfg, upstream=UpstreamConfig(url="jmap+https://x/", token=SECRET))
     text = caplog.text + repr(token_cfg) + repr(server.config)
     assert "login peer=" in caplog.text  # the sessions really logged
@@ -380,12 +376,6 @@ async def test_passwords_tokens_and_auth_payloads_never_reach_logs_or_reprs(
 # ---------------------------------------------------------------- SIGHUP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _write_cert(ca: trustme.CA, d: Path) -> None:
     cert = ca.issue_cert("localhost", "127.0.0.1")
     cert.private_key_and_cert_chain_pem.write_to_path(str(d / "cert.pem"))
@@ -395,19 +385,14 @@ def _write_cert(ca: trustme.CA, d: Path) -> None:
 def test_sighup_reloads_certificates_without_dropping_sessions(tmp_path: Path) -> None:
     ca1, ca2 = trustme.CA(), trustme.CA()
     _write_cert(ca1, tmp_path)
-    port, admin = _free_port(), _free_port()
     conf = tmp_path / "gw.toml"
     conf.write_text(
-        f'[server]\nstate_dir = "{tmp_path / "state"}"\n\n[admin]\naddress = "127.0.0.1:{admin}"\n\n'
-        f'[[listen]]\naddress = "127.0.0.1:{port}"\ntls = "implicit"\n'
+        f'[server]\nstate_dir = "{tmp_path / "state"}"\n\n[admin]\naddress = "127.0.0.1:0"\n\n'
+        f'[[listen]]\naddress = "127.0.0.1:0"\ntls = "implicit"\n'
         f'cert_file = "{tmp_path / "cert.pem"}"\nkey_file = "{tmp_path / "key.pem"}"\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(conf)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    gw = spawn_serve("--config", str(conf))
+    port, admin = gw.port, gw.admin_port()
 
     def ctx(ca: trustme.CA) -> ssl.SSLContext:
         c = ssl.create_default_context()
@@ -415,21 +400,15 @@ def test_sighup_reloads_certificates_without_dropping_sessions(tmp_path: Path) -
         return c
 
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                old = poplib.POP3_SSL("127.0.0.1", port, context=ctx(ca1), timeout=10)
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        old = poplib.POP3_SSL("127.0.0.1", port, context=ctx(ca1), timeout=10)
         password = (tmp_path / "state" / "demo-password").read_text().strip()
         old.user("demo")
         old.pass_(password)
         _write_cert(ca2, tmp_path)
-        proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
-        assert proc.poll() is None
+        mark = gw.lines_so_far()
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_for_line(re.compile(rb"SIGHUP: configuration and TLS certificates reloaded"), after=mark)
+        assert gw.proc.poll() is None
         new = poplib.POP3_SSL("127.0.0.1", port, context=ctx(ca2), timeout=10)  # the new certificate
         new.quit()
         with pytest.raises(ssl.SSLError):
@@ -437,19 +416,15 @@ def test_sighup_reloads_certificates_without_dropping_sessions(tmp_path: Path) -
         assert old.stat()[0] == 3  # the session from before the reload is still there
         old.quit()
         conf.write_text("[server]\nnot_a_key = 1\n")  # a broken file: logged, the old settings stay
-        proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
-        assert proc.poll() is None
+        mark = gw.lines_so_far()
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_for_line(re.compile(rb"SIGHUP: reload failed, keeping the running configuration"), after=mark)
+        assert gw.proc.poll() is None
         health = httpx.get(f"http://127.0.0.1:{admin}/healthz", timeout=5)
         assert health.status_code == 200
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert gw.stop(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        if proc.stderr:
-            proc.stderr.close()
+        gw.stop()
+    err = gw.stderr_text()
     assert "SIGHUP: configuration and TLS certificates reloaded" in err
     assert "SIGHUP: reload failed, keeping the running configuration" in err

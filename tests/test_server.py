@@ -15,6 +15,7 @@ import trustme
 from gateway.config import Config, ListenConfig, ServerConfig
 from gateway.server import Bound, Server
 from tests.fakes import FakeBackend
+from tests.waits import until
 
 MSG1 = b"From: a@example.org\r\nSubject: one\r\n\r\nHello\r\n.dot line\r\n"
 MSG2 = b"From: b@example.org\r\nSubject: two\r\n\r\nno final newline"
@@ -126,9 +127,7 @@ async def test_dropped_connection_deletes_nothing(running: tuple[Server, FakeBac
     await c.login()
     assert (await c.cmd(b"DELE 1")).startswith(b"+OK")
     await c.stream.aclose()
-    with trio.fail_after(5):
-        while server.active_sessions:
-            await trio.sleep(0.01)
+    await until(lambda: server.active_sessions == 0, timeout=5)
     assert be.deletion_batches == []
     assert be.open_drops == 0
     assert len(be.boxes["alice"]) == 3
@@ -433,7 +432,7 @@ async def test_drain_stops_accepting_and_lets_sessions_finish(nursery: trio.Nurs
     await c.login()
     await c.cmd(b"DELE 1")
     server.drain()
-    await trio.sleep(0.05)
+    await until(lambda: not server.listening)
     with pytest.raises(OSError):
         await trio.open_tcp_stream(bound.host, bound.port)
     assert not finished.is_set()
