@@ -176,12 +176,12 @@ class Metrics:
     def login(self, result: LoginResult) -> None:
         self._logins.labels(_check(result, LOGIN_RESULTS, "login result")).inc()
 
-    def command(self, verb: str | bytes) -> None:
-        """Count one command; anything but a known POP3 verb counts as OTHER."""
+    def command(self, verb: str | bytes, n: int = 1) -> None:
+        """Count ``n`` commands of one verb; anything but a known POP3 verb counts as OTHER."""
         if isinstance(verb, bytes):
             verb = verb.decode("ascii", "replace")
         verb = verb.upper()
-        self._commands.labels(verb if verb in VERBS else "OTHER").inc()
+        self._commands.labels(verb if verb in VERBS else "OTHER").inc(n)
 
     def sent(self, octets: int) -> None:
         if octets < 0:

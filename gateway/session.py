@@ -16,9 +16,11 @@ All POP3 rules and every reply text live in ``gateway.proto.pop3``; the login po
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
+import math
 import secrets
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -237,7 +239,7 @@ class _Session:
             return self.login_deadline
         return trio.current_time() + self.config.idle_timeout
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes | bytearray) -> None:
         with trio.fail_at(self._deadline()):
             await self.stream.send_all(data)
         self.metrics.sent(len(data))
@@ -305,8 +307,8 @@ class _Session:
     def _count_verbs(self) -> None:
         verbs = self.conn.verbs
         if verbs:
-            for verb in verbs:
-                self.metrics.command(verb)
+            for verb, n in collections.Counter(verbs).items():
+                self.metrics.command(verb, n)
             verbs.clear()
 
     async def _start_tls(self) -> None:
@@ -383,14 +385,20 @@ class _Session:
             if first is not None:
                 conn.body(first)
             try:
-                while not conn.body_done:
-                    if conn.pending_output >= WRITE_BATCH:
-                        await self.flush()
-                    with trio.fail_after(timeout):
+                # one cancel scope for the whole body, its deadline moved before each upstream read: a new
+                # fail_after per chunk cost more than the chunk's encoding on small messages
+                with trio.CancelScope() as watch:
+                    while not conn.body_done:
+                        if conn.pending_output >= WRITE_BATCH:
+                            watch.deadline = math.inf  # the client's write has its own bound
+                            await self.flush()
+                        watch.deadline = trio.current_time() + timeout
                         chunk = await _first(chunks)
-                    if chunk is None:
-                        break
-                    conn.body(chunk)
+                        if chunk is None:
+                            break
+                        conn.body(chunk)
+                if watch.cancelled_caught:
+                    raise trio.TooSlowError("upstream read timed out mid-message")
             except (BackendError, trio.TooSlowError) as exc:
                 # The status line may be out already: the only honest thing left is to drop the connection,
                 # so the client never sees a truncated message that ends like a complete one.

@@ -314,18 +314,22 @@ def _multiline(status: bytes, lines: Sequence[str]) -> bytes:
 
 
 class _Outbox:
-    """Queued output in order: small pieces coalesce, big ones pass without a copy, listings are lazy."""
+    """Queued output in order: small pieces coalesce (into a buffer handed over without a copy), big ones
+    pass as they are, listings are lazy. ``pending`` is O(1)."""
 
-    __slots__ = ("_queue", "_small")
+    __slots__ = ("_lazy", "_queue", "_queued", "_small")
 
     def __init__(self) -> None:
-        self._queue: collections.deque[bytes | Iterator[bytes]] = collections.deque()
+        self._queue: collections.deque[bytes | bytearray | Iterator[bytes]] = collections.deque()
         self._small = bytearray()
+        self._queued = 0  # octets of the bytes pieces in _queue
+        self._lazy = 0  # lazy listings in _queue
 
     def add(self, data: bytes) -> None:
         if len(data) >= _COALESCE:
             self._push_small()
             self._queue.append(data)
+            self._queued += len(data)
             return
         self._small += data
         if len(self._small) >= _COALESCE:
@@ -334,35 +338,40 @@ class _Outbox:
     def add_lazy(self, pieces: Iterator[bytes]) -> None:
         self._push_small()
         self._queue.append(pieces)
+        self._lazy += 1
 
     def _push_small(self) -> None:
         if self._small:
-            self._queue.append(bytes(self._small))
-            self._small.clear()
+            self._queue.append(self._small)
+            self._queued += len(self._small)
+            self._small = bytearray()
 
-    def take(self) -> bytes:
-        while self._queue:
-            head = self._queue[0]
-            if isinstance(head, bytes):
-                self._queue.popleft()
+    def take(self) -> bytes | bytearray:
+        queue = self._queue
+        while queue:
+            head = queue[0]
+            if isinstance(head, bytes | bytearray):
+                queue.popleft()
+                self._queued -= len(head)
                 return head
             piece = next(head, None)
             if piece is None:
-                self._queue.popleft()
+                queue.popleft()
+                self._lazy -= 1
                 continue
             return piece
-        data = bytes(self._small)
-        self._small.clear()
+        data, self._small = self._small, bytearray()
         return data
 
     @property
     def pending(self) -> int:
         """Octets queued; a lazy listing counts as a full slice."""
-        return len(self._small) + sum(len(p) if isinstance(p, bytes) else LISTING_SLICE for p in self._queue)
+        return len(self._small) + self._queued + self._lazy * LISTING_SLICE
 
     def clear(self) -> None:
         self._queue.clear()
-        self._small.clear()
+        self._small = bytearray()
+        self._queued = self._lazy = 0
 
 
 _DIGITS = re.compile(rb"[0-9]+")
@@ -474,6 +483,7 @@ class _Sasl(enum.Enum):
     LOGIN_PASS = "LOGIN_PASS"  # noqa: S105 (a state name, not a secret)
 
 
+_TOP_STATUS: Final = b"+OK Top of message follows\r\n"
 _LOGIN_USER_PROMPT: Final = b"+ " + base64.b64encode(b"Username:") + CRLF
 _LOGIN_PASS_PROMPT: Final = b"+ " + base64.b64encode(b"Password:") + CRLF
 LISTING_BATCH: Final = 2048  # messages per piece of a LIST/UIDL listing
@@ -511,7 +521,7 @@ class Connection:
 
     # -- output: the one way bytes leave the core
 
-    def data_to_send(self) -> bytes:
+    def data_to_send(self) -> bytes | bytearray:
         """The next piece of output (b"" when nothing is queued). Call until it returns b""."""
         return self._out.take()
 
@@ -534,17 +544,13 @@ class Connection:
         return bool(self._buf)
 
     def next_event(self) -> Event | NeedData:
-        event = self._next_event()
-        if event is NEED_DATA or isinstance(event, Flush):
-            self._turn = 0  # the caller writes now: a new turn begins
-        return event
-
-    def _next_event(self) -> Event | NeedData:
         while True:
             # a Flush needs a command handled since the last one: a caller that ignores it still progresses
-            if self._turn >= COMMANDS_PER_TURN or (self._turn and self._out.pending >= _COALESCE):
+            turn = self._turn
+            if turn and (turn >= COMMANDS_PER_TURN or self._out.pending >= _COALESCE):
+                self._turn = 0  # the caller writes now: a new turn begins
                 return Flush()
-            self._turn += 1
+            self._turn = turn + 1
             if self._close_next is not None:
                 close, self._close_next = self._close_next, None
                 return close
@@ -552,24 +558,28 @@ class Connection:
                 return NEED_DATA
             line = self._next_line()
             if line is None:
+                self._turn = 0  # the caller writes and reads now: a new turn begins
                 if self._eof:
                     self.state = State.CLOSED
                     return ConnectionClosed()
                 return NEED_DATA
-            event = self._sasl_step(line) if self._sasl is not None else self._command(line)
+            if self._sasl is not None:
+                event = self._sasl_step(line)
+            else:  # a command (inlined: this loop runs once per pipelined command)
+                try:
+                    command = parse_command(line)
+                except BadCommand as exc:
+                    self.verbs.append("OTHER")
+                    event = self._bad_command(str(exc))
+                else:
+                    kind = type(command)
+                    self.verbs.append(kind.__name__.upper())
+                    if self.state in _ALLOWED[kind]:
+                        event = self._handle(command)
+                    else:
+                        event = self._bad_command(f"Command not valid in {self.state.value} state")
             if event is not None:
                 return event
-
-    def _command(self, line: bytes) -> Event | None:
-        try:
-            command = parse_command(line)
-        except BadCommand as exc:
-            self.verbs.append("OTHER")
-            return self._bad_command(str(exc))
-        self.verbs.append(type(command).__name__.upper())
-        if self.state not in _ALLOWED[type(command)]:
-            return self._bad_command(f"Command not valid in {self.state.value} state")
-        return self._handle(command)
 
     def _bad_command(self, text: str) -> Close | None:
         self._out.add(_err(text))
@@ -895,8 +905,7 @@ class Connection:
             raise LocalProtocolError("no pending fetch")
         self._encoder = BodyEncoder(fetch.top_lines, sink=sink)
         self._fetch_top = fetch.top_lines
-        status = f"{fetch.size} octets" if fetch.top_lines is None else "Top of message follows"
-        self._out.add(_ok(status))
+        self._out.add(b"+OK %d octets\r\n" % fetch.size if fetch.top_lines is None else _TOP_STATUS)
 
     def body(self, chunk: bytes) -> None:
         encoder = self._encoder
