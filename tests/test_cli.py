@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import poplib
 import re
@@ -17,15 +19,33 @@ import httpx
 import pytest
 
 from gateway.accounts import load_users, verify_password
+from gateway.cli import main
 from gateway.config import UPSTREAM_SCHEMES
 
 EXE = [sys.executable, "-m", "gateway"]
 
 
-def run(*args: str, stdin: str = "", timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*EXE, *args], input=stdin, capture_output=True, text=True, timeout=timeout, check=False
-    )
+def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """The command line in this process (``gateway.cli.main``), with stdin, stdout and stderr as a
+    process would have them: starting an interpreter for each of these tests cost more than the tests.
+    ``test_python_m_gateway_is_the_same_command`` and the serve tests run the real process."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse: --help, usage errors
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.stdin = saved
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def run_process(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`python -m gateway ARGS` as a real process: `serve` sets up logging and signals process-wide."""
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.mark.parametrize("args", [[], ["serve"], ["check-config"], ["user"], ["user", "add"]])
@@ -141,7 +161,7 @@ def busy_port() -> Iterator[int]:
 def test_a_busy_port_ends_in_one_line_naming_it_and_exit_1(role: str, busy_port: int, tmp_path: Path) -> None:
     busy = f"127.0.0.1:{busy_port}"
     listen, admin = (busy, "127.0.0.1:0") if role == "pop3" else ("127.0.0.1:0", busy)
-    out = run("serve", "--state-dir", str(tmp_path), "--listen", listen, "--admin-listen", admin)
+    out = run_process("serve", "--state-dir", str(tmp_path), "--listen", listen, "--admin-listen", admin)
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr
     assert (
@@ -156,7 +176,9 @@ def test_a_token_file_others_can_read_is_a_config_error_before_anything_listens(
     token.chmod(0o644)
     config = tmp_path / "gw.toml"
     config.write_text(f'[admin]\naddress = "0.0.0.0:0"\ntoken_file = "{token}"\n')
-    out = run("serve", "--config", str(config), "--state-dir", str(tmp_path), "--listen", "127.0.0.1:0")
+    out = run_process(
+        "serve", "--config", str(config), "--state-dir", str(tmp_path), "--listen", "127.0.0.1:0"
+    )
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and "listening on" not in out.stderr
     assert out.stderr.splitlines()[-1] == (
