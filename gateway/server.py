@@ -39,11 +39,6 @@ from gateway.sessionlog import log
 from gateway.store import AsyncUidlStore
 
 
-def make_server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """The one server context of ``gateway.tls`` (kept under this name for callers)."""
-    return tls.server_context(cert_file, key_file)
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Bound:
     host: str
@@ -328,5 +323,4 @@ __all__ = [
     "Bound",
     "MessageGone",
     "Server",
-    "make_server_tls_context",
 ]
