@@ -67,6 +67,7 @@ from gateway.backends.base import (
     PermFailure,
     SizeChanged,
     TempFailure,
+    tcp_probe,
 )
 from gateway.backends.readahead import ReadAhead, chunks
 from gateway.proto import jmap
@@ -535,6 +536,11 @@ class JmapBackend:
 
     def lock_key(self, identity: str) -> str:
         return f"jmap:{self.settings.origin}:{identity}:{self.settings.folder}"
+
+    async def probe(self) -> None:
+        """A TCP connect to the session resource's host and port (no request: that needs credentials)."""
+        home = self.settings.scope.home
+        await tcp_probe(home.host, home.port)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):

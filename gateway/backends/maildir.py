@@ -58,6 +58,7 @@ from gateway.backends.base import (
     Entry,
     Login,
     MessageGone,
+    NotReachable,
     PasswordLogin,
     TempFailure,
 )
@@ -404,6 +405,10 @@ class MaildirBackend:
 
     def lock_key(self, identity: str) -> str:
         return f"maildir:{self._root}:{identity}"
+
+    async def probe(self) -> None:
+        if not await trio.to_thread.run_sync(os.access, self._root, os.R_OK | os.X_OK):
+            raise NotReachable("maildir root not readable")
 
     async def aclose(self) -> None:
         pass
