@@ -92,6 +92,8 @@ class UpstreamConfig:
     mark_seen: bool = False
     uidl_format: str = "native"  # native, dovecot, uidvalidity-uid, gmail, hash (for new messages)
     token: str = dataclasses.field(default="", repr=False)  # jmap: a bearer token instead of Basic
+    allowed_origins: tuple[str, ...] = ()  # jmap: origins besides the URL's that may get credentials
+    token_accounts: tuple[str, ...] = ()  # jmap with a token: "POP3USER=ACCOUNTID" lines
 
 
 ADMIN_TOKEN_ENV = "POP3_GATEWAY_ADMIN_TOKEN"  # noqa: S105 - the name of the variable, no secret

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import ssl
-import urllib.parse
 
 import trio
 
 from gateway import errors, reload, tls
 from gateway.admin import NotReady
-from gateway.backends.base import Backend, MessageGone
+from gateway.backends.base import Backend, BackendError, MessageGone, NotReachable
 from gateway.config import Config, ListenConfig
 from gateway.fdlimit import ResilientListener
 from gateway.identity import IdentityPolicy
@@ -295,26 +293,21 @@ class Server:
         await self._handle(self.config.listen[index], index, stream)
 
 
+PROBE_SECONDS = 3.0
+
+
 async def _probe_upstream(backend: Backend) -> tuple[bool, str]:
-    """Is the default upstream reachable? A TCP connect for IMAP/JMAP, a readable root for Maildir."""
-    settings = getattr(backend, "settings", None)
-    host, port = getattr(settings, "host", None), getattr(settings, "port", None)
-    url = getattr(settings, "session_url", None)
-    if url:
-        parts = urllib.parse.urlsplit(url)
-        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    if host and port:
-        try:
-            with trio.fail_after(3):
-                conn = await trio.open_tcp_stream(host, port)
-            await conn.aclose()
-        except (OSError, trio.TooSlowError) as exc:
-            return False, f"upstream {host}:{port} unreachable: {exc.__class__.__name__}"
-        return True, ""
-    root = getattr(backend, "_root", None)
-    if root is not None:
-        ok = await trio.to_thread.run_sync(os.access, root, os.R_OK | os.X_OK)
-        return (True, "") if ok else (False, "maildir root not readable")
+    """Can the default upstream serve logins? The backend's own ``probe``, bounded to PROBE_SECONDS."""
+    try:
+        with trio.fail_after(PROBE_SECONDS):
+            await backend.probe()
+    except NotReachable as exc:
+        return False, str(exc)  # worded for probers: a host:port or a fixed phrase
+    except trio.TooSlowError:
+        return False, f"upstream probe took over {PROBE_SECONDS:g} s"
+    except BackendError as exc:
+        log.warning("upstream probe failed: %r", exc)
+        return False, "upstream not ready"
     return True, ""
 
 

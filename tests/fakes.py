@@ -14,6 +14,7 @@ from gateway.backends.base import (
     Entry,
     Login,
     MessageGone,
+    NotReachable,
     PasswordLogin,
     TempFailure,
 )
@@ -77,6 +78,8 @@ class FakeBackend:
         self.noted_sizes: dict[str, int] = {}
         self.close_delay = 0.0
         self.open_drops = 0
+        self.unreachable = ""  # set: probe() raises NotReachable with this text
+        self.probes = 0
 
     def lock_key(self, username: str) -> str:
         return f"fake:{username}"
@@ -99,6 +102,11 @@ class FakeBackend:
         finally:
             await trio.sleep(self.close_delay)  # an upstream LOGOUT takes a round trip
             self.open_drops -= 1
+
+    async def probe(self) -> None:
+        self.probes += 1
+        if self.unreachable:
+            raise NotReachable(self.unreachable)
 
     async def aclose(self) -> None:
         pass

@@ -269,9 +269,9 @@ async def test_sizes_are_cached_across_logins_and_flag_changes(
     scanned: list[str] = []
     real = maildir_mod._crlf_size
 
-    def counting(path: Path) -> int:
+    def counting(path: Path, inode: tuple[int, int]) -> int:
         scanned.append(path.name)
-        return real(path)
+        return real(path, inode)
 
     monkeypatch.setattr(maildir_mod, "_crlf_size", counting)
     path = deliver(root, "1000.M1P1.host", b"a\nb\n")

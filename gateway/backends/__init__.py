@@ -17,14 +17,22 @@ def make_backend(config: Config) -> Backend:
     users_file = (
         Path(config.upstream.users_file) if config.upstream.users_file else config.state_path / "users"
     )
+    try:
+        scheme = upstream_scheme(url) if url else ""
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="upstream.url") from None
+    up = config.upstream
+    jmap_only = [k for k in ("allowed_origins", "token_accounts") if getattr(up, k)]
+    if jmap_only and scheme not in ("jmap+http", "jmap+https"):
+        raise ConfigError(f"only a JMAP upstream takes {jmap_only[0]}", key=f"upstream.{jmap_only[0]}")
+    if up.token_accounts and not up.token:
+        raise ConfigError(
+            "maps POP3 users to the accounts of a token: set upstream.token", key="upstream.token_accounts"
+        )
     if not url:
         from gateway.backends.maildir import MaildirBackend
 
         return MaildirBackend(config.state_path / "mail", users_file)
-    try:
-        scheme = upstream_scheme(url)
-    except ValueError as exc:
-        raise ConfigError(str(exc), key="upstream.url") from None
     if scheme == "maildir":
         from gateway.backends.maildir import MaildirBackend
 
@@ -33,7 +41,6 @@ def make_backend(config: Config) -> Backend:
         if not root:
             raise ConfigError("maildir:// needs a path, e.g. maildir:///var/mail", key="upstream.url")
         return MaildirBackend(Path(root), users_file)
-    up = config.upstream
     common: dict[str, Any] = {
         "folder": up.folder,
         "ca_file": up.ca_file,
@@ -55,6 +62,17 @@ def make_backend(config: Config) -> Backend:
             )
         if scheme in ("jmap+http", "jmap+https"):
             from gateway.backends.jmap import JmapBackend, JmapSettings
+            from gateway.proto import jmap
+
+            session_url = JmapSettings.from_url(url).session_url
+            for key, check in (
+                ("allowed_origins", lambda: jmap.CredentialScope.build(session_url, up.allowed_origins)),
+                ("token_accounts", lambda: jmap.parse_account_map(up.token_accounts)),
+            ):
+                try:
+                    check()
+                except ValueError as exc:
+                    raise ConfigError(str(exc), key=f"upstream.{key}") from None
 
             return JmapBackend(
                 JmapSettings.from_url(
@@ -62,6 +80,8 @@ def make_backend(config: Config) -> Backend:
                     token=up.token,
                     users_file=str(users_file) if up.token else "",
                     timeout=config.server.upstream_timeout,
+                    allowed_origins=up.allowed_origins,
+                    token_accounts=up.token_accounts,
                     **common,
                 )
             )

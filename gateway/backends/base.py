@@ -9,6 +9,7 @@ A session's life against a backend:
             ...
         await drop.apply_deletions(indexes)               # only at QUIT, once
     # leaving the block closes the upstream session (no deletions applied)
+    await backend.probe()                                  # /readyz: NotReachable when it cannot serve
 
 Rules every backend keeps:
 - ``entries`` is the snapshot taken at login: ordered, each with the upstream id, the exact size in
@@ -27,6 +28,8 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import NamedTuple, Protocol
 
+import trio
+
 from gateway.proto.logins import ApopLogin, Login, PasswordLogin
 
 __all__ = [
@@ -36,14 +39,15 @@ __all__ = [
     "Backend",
     "BackendError",
     "Entry",
-    "InUse",
     "Login",
     "Maildrop",
     "MessageGone",
+    "NotReachable",
     "PasswordLogin",
     "PermFailure",
     "SizeChanged",
     "TempFailure",
+    "tcp_probe",
 ]
 
 
@@ -84,8 +88,9 @@ class PermFailure(BackendError):
     """Trying again will not help ([SYS/PERM])."""
 
 
-class InUse(BackendError):
-    """The maildrop is locked by another session ([IN-USE])."""
+class NotReachable(BackendError):
+    """From ``Backend.probe``: the upstream cannot serve logins now. Its text is shown to readiness
+    probers, so it names only a host:port or a fixed phrase, never a credential."""
 
 
 class MessageGone(BackendError):
@@ -140,7 +145,8 @@ class Backend(Protocol):
         ...
 
     def open_maildrop(self, login: Login) -> AbstractAsyncContextManager[Maildrop]:
-        """Authenticate and snapshot. Raises AuthFailed, TempFailure, PermFailure or InUse on entry."""
+        """Authenticate and snapshot. Raises AuthFailed, TempFailure or PermFailure on entry. (The
+        [IN-USE] lock is the login gate's, keyed by ``lock_key``; a backend never raises it.)"""
         ...
 
     def lock_key(self, identity: str) -> str:
@@ -150,4 +156,19 @@ class Backend(Protocol):
         form too, to carry old UIDL namespaces over."""
         ...
 
+    async def probe(self) -> None:
+        """Readiness: raise NotReachable when the upstream cannot serve a login now (IMAP and JMAP: a
+        TCP connect to the upstream's host and port; Maildir: the root readable). Cheap, logs nothing,
+        needs no credentials; the caller bounds it with ``fail_after``."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+async def tcp_probe(host: str, port: int) -> None:
+    """Open and close a TCP connection to ``host:port``: NotReachable when that fails."""
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise NotReachable(f"upstream {host}:{port} unreachable: {exc.__class__.__name__}") from None
+    await stream.aclose()

@@ -45,6 +45,7 @@ from gateway.backends.base import (
     PermFailure,
     SizeChanged,
     TempFailure,
+    tcp_probe,
 )
 from gateway.backends.readahead import ReadAhead, chunks
 from gateway.identity import DEFAULT_POLICY, IdentityPolicy, normalize
@@ -570,6 +571,9 @@ class ImapBackend:
     def lock_key(self, identity: str) -> str:
         s = self.settings
         return f"imap:{s.host}:{s.port}:{identity}:{s.folder}"
+
+    async def probe(self) -> None:
+        await tcp_probe(self.settings.host, self.settings.port)
 
     @contextlib.asynccontextmanager
     async def open_maildrop(self, login: Login) -> AsyncIterator[ImapMaildrop]:

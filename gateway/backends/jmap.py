@@ -1,16 +1,23 @@
 """The JMAP upstream (RFC 8620 / RFC 8621): every POP3 session becomes a few HTTP requests.
 
 - URLs: ``jmap+http://host:port/`` and ``jmap+https://host/`` discover the session resource at
-  ``/.well-known/jmap``, following redirects (at most 5; the credentials go along unless a redirect
-  downgrades https to http). A URL with another path (``jmap+https://host/jmap/session``) names the
-  session resource itself. Relative ``apiUrl``/``downloadUrl`` are resolved against the session's URL.
+  ``/.well-known/jmap``, following redirects (at most 5). A URL with another path
+  (``jmap+https://host/jmap/session``) names the session resource itself. Relative ``apiUrl``/``downloadUrl``
+  are resolved against the session's URL.
+- Credentials go only where ``jmap.CredentialScope`` allows: the configured URL's origin and the
+  operator's ``allowed_origins``, never http under ``jmap+https``. Every request that carries them is
+  checked in ``_Api.send``, the one place that adds the Authorization header, and the session's
+  ``apiUrl`` and ``downloadUrl`` are checked at login, so a hostile or intercepted upstream that hands
+  out (or redirects to) another origin fails the login with PermFailure and a warning, and the other
+  origin never sees a password or the token.
 - One pooled keep-alive ``httpx.AsyncClient`` per backend, closed by ``aclose``. TLS is verified unless
   ``insecure``; ``ca_file`` adds trust anchors. No proxy or netrc from the environment. httpx gets
   timeouts of its own (``timeout``); the shell bounds every call with ``fail_after`` as well.
 - Login: the POP3 credentials go upstream as HTTP Basic. With a ``token`` configured the upstream sees
   the bearer token instead, the POP3 password is checked against the users file (as the maildir backend
-  does), and the account is the session's mail account named like the POP3 user (or the primary one
-  when the session's username is the POP3 user). APOP is refused: it cannot be passed through.
+  does), and the account is ``jmap.choose_account``'s: the operator's ``token_accounts`` mapping, else
+  the one account named exactly like the POP3 user (two are refused as ambiguous), else the primary one
+  when the session's username is the POP3 user. APOP is refused: it cannot be passed through.
 - Identity: the maildrop's ``identity`` is the mail accountId the session gave, so every spelling of a
   user name the upstream accepts (Cyrus lowercases ``ALICE``) is one account for locks and UIDLs.
 - Snapshot: Mailbox/get finds the folder (``INBOX`` = role inbox, else a name or ``A/B`` path), then
@@ -60,6 +67,7 @@ from gateway.backends.base import (
     PermFailure,
     SizeChanged,
     TempFailure,
+    tcp_probe,
 )
 from gateway.backends.readahead import ReadAhead, chunks
 from gateway.proto import jmap
@@ -99,6 +107,15 @@ class JmapSettings:
     users_file: str = ""  # with a token: the POP3 passwords (gateway.accounts format)
     timeout: float = 30.0
     page_size: int = DEFAULT_PAGE_SIZE
+    allowed_origins: tuple[str, ...] = ()  # origins besides the session URL's that may get credentials
+    token_accounts: tuple[str, ...] = ()  # with a token: POP3USER=ACCOUNTID lines
+    scope: jmap.CredentialScope = dataclasses.field(init=False, repr=False, compare=False)
+    account_map: dict[str, str] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """ValueError for an allowed origin or a mapping line that cannot be used."""
+        object.__setattr__(self, "scope", jmap.CredentialScope.build(self.session_url, self.allowed_origins))
+        object.__setattr__(self, "account_map", jmap.parse_account_map(self.token_accounts))
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> JmapSettings:
@@ -181,11 +198,13 @@ class _Api:
     async def send(
         self, method: str, url: str, creds: _Credentials, *, content: bytes | None = None, accept: str
     ) -> AsyncIterator[_Body]:
-        headers = {**creds.headers(), "Accept": accept, "Accept-Encoding": "identity"}
+        headers = {"Accept": accept, "Accept-Encoding": "identity"}
         if content is not None:
             headers["Content-Type"] = JSON_TYPE
         try:
             request = self.client.build_request(method, url, content=content, headers=headers)
+            self.check_scope(str(request.url), f"{method} {_safe(url)}")
+            request.headers.update(creds.headers())  # only here, and only after the check
             response = await self.client.send(request, stream=True)
         except httpx.TimeoutException:
             raise TempFailure(f"{method} {_safe(url)}: timed out") from None
@@ -200,6 +219,19 @@ class _Api:
             raise TempFailure(f"{method} {_safe(url)}: {exc.__class__.__name__}: {exc}") from None
         finally:
             await body.aclose()
+
+    def check_scope(self, url: str, what: str) -> None:
+        """PermFailure (and a warning) unless ``url`` may receive the credentials; TempFailure, as a
+        request to it would be, when it is no URL at all. The check reads httpx's own form of the URL,
+        the one a request would go to."""
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise TempFailure(f"{what}: InvalidURL: {exc}") from None
+        reason = self.settings.scope.refusal(str(parsed))
+        if reason is not None:
+            log.warning("%s: refusing to send credentials: %s (upstream.allowed_origins)", what, reason)
+            raise PermFailure(f"{what}: refusing to send credentials: {reason}")
 
     async def json(self, body: _Body, what: str) -> bytes:
         """The body of a 200 JSON response, capped; TempFailure for anything else."""
@@ -281,10 +313,6 @@ class _Body:
 def _safe(url: str) -> str:
     """A URL for a log line: no query string (download URLs carry nothing secret, but keep lines short)."""
     return url.split("?", 1)[0][:200]
-
-
-def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
-    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
 @dataclasses.dataclass(slots=True)
@@ -509,6 +537,11 @@ class JmapBackend:
     def lock_key(self, identity: str) -> str:
         return f"jmap:{self.settings.origin}:{identity}:{self.settings.folder}"
 
+    async def probe(self) -> None:
+        """A TCP connect to the session resource's host and port (no request: that needs credentials)."""
+        home = self.settings.scope.home
+        await tcp_probe(home.host, home.port)
+
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self._api.client.aclose()
@@ -568,8 +601,7 @@ class JmapBackend:
                         raise PermFailure("session discovery: a redirect to a non-http URL")
                     if url.scheme == "https" and target.scheme != "https":
                         raise PermFailure("session discovery: refusing a redirect from https to http")
-                    if not _same_origin(url, target):
-                        log.info("session discovery: redirected to %s", _safe(str(target)))
+                    self._api.check_scope(str(target), "session discovery: a redirect")
                     url = target
                     continue
                 if response.status_code != 200:
@@ -583,15 +615,21 @@ class JmapBackend:
         except jmap.JmapError as exc:
             raise _jmap_failure(exc, "session") from None
         if self.settings.token:
-            account = session.account(user)
-            if account is None and session.username.casefold() == user.casefold():
-                account = session.account(None)
+            try:
+                account = jmap.choose_account(session, user, self.settings.account_map)
+            except jmap.NoAccount as exc:
+                if exc.misconfigured:
+                    log.warning("JMAP token mode: %s", exc)
+                    raise PermFailure(f"token mode: {exc}") from None
+                raise AuthFailed(f"token mode: {exc}") from None
         else:
-            account = session.account(None)
-        if account is None:
-            if self.settings.token:
-                raise AuthFailed(f"the token's session has no mail account for {user!r}")
-            raise PermFailure("the upstream session has no primary mail account")
+            found = session.account(None)
+            if found is None:
+                raise PermFailure("the upstream session has no primary mail account")
+            account = found
+        # the URLs the session hands out get the credentials too: refuse them now, not at the first RETR
+        self._api.check_scope(session.api_url, "session apiUrl")
+        self._api.check_scope(jmap.download_url(session.download_url, account.id, "B"), "session downloadUrl")
         return _Account(creds, session, account)
 
     async def _call(self, view: _Account, request: jmap.Request, *, login: bool) -> jmap.Response:

@@ -22,6 +22,13 @@ Snapshot (taken at login, fixed for the session):
 Messages are read and deleted by path; when another client has moved the file (``new/`` to
 ``cur/``, or changed its ``:2,`` flags) it is found again by base name. All file-system work runs in
 worker threads.
+
+Only the snapshot's own files are ever read. The snapshot records each file's device and inode; a
+message is opened relative to a directory descriptor of its ``new/`` or ``cur/`` with ``O_NOFOLLOW``
+(and ``O_NONBLOCK``, so a FIFO cannot hang the worker), then ``fstat`` must show a regular file with the
+snapshot's device and inode. A name swapped meanwhile for a symlink (to the users file, a TLS key, the
+UIDL store), a hard link to another file, a FIFO or a directory is refused with TempFailure and a
+warning; nothing of it is read.
 """
 
 from __future__ import annotations
@@ -29,10 +36,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import hmac
+import logging
 import os
 import re
+import stat
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, assert_never
@@ -48,12 +58,15 @@ from gateway.backends.base import (
     Entry,
     Login,
     MessageGone,
+    NotReachable,
     PasswordLogin,
     TempFailure,
 )
 from gateway.proto.common import uidl_or_sha1
 
 __all__ = ["CHUNK_SIZE", "MaildirBackend"]
+
+log = logging.getLogger("gateway.maildir")
 
 CHUNK_SIZE: Final = 64 * 1024
 _SCAN_SIZE: Final = 256 * 1024
@@ -89,6 +102,15 @@ class _File:
     mtime_ns: int
     raw_size: int
     size: int | None  # CRLF size, once known
+    inode: tuple[int, int] = (0, 0)  # (st_dev, st_ino) at the listing: the only file this message is
+
+
+class _Swapped(Exception):
+    """The name no longer leads to the snapshot's regular file (a symlink, FIFO, other inode...)."""
+
+
+_OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 # --- blocking helpers, run in worker threads ----------------------------------------------------
@@ -97,6 +119,39 @@ class _File:
 def _ensure_maildir(maildir: Path) -> None:
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _open_message(path: Path, inode: tuple[int, int]) -> int:
+    """A read-only descriptor of the file at ``path`` (``<maildir>/<new|cur>/<name>``), which must be the
+    regular file ``inode`` names. FileNotFoundError when the name is gone (moved: look it up again),
+    _Swapped when something else is there, OSError otherwise."""
+    dir_fd = os.open(path.parent.parent, _DIR_FLAGS)
+    try:
+        sub_fd = os.open(path.parent.name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _Swapped(f"{path.parent.name}/ is no longer a directory") from None
+        raise
+    finally:
+        os.close(dir_fd)
+    try:
+        fd = os.open(path.name, _OPEN_FLAGS, dir_fd=sub_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _Swapped("it is a symlink now") from None
+        raise
+    finally:
+        os.close(sub_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Swapped("it is no regular file now")
+        if (st.st_dev, st.st_ino) != inode:
+            raise _Swapped("it is another file (another inode) now")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _list_maildir(maildir: Path) -> list[_File]:
@@ -115,7 +170,9 @@ def _list_maildir(maildir: Path) -> list[_File]:
                     continue  # gone since the listing
                 base = _base_name(de.name)
                 # a base seen in new/ and again in cur/ was moved meanwhile: keep the newer place
-                found[base] = _File(base, Path(de.path), st.st_mtime_ns, st.st_size, _w_size(base))
+                found[base] = _File(
+                    base, Path(de.path), st.st_mtime_ns, st.st_size, _w_size(base), (st.st_dev, st.st_ino)
+                )
     return list(found.values())
 
 
@@ -129,10 +186,10 @@ def _locate(maildir: Path, base: str) -> Path | None:
     return None
 
 
-def _crlf_size(path: Path) -> int:
+def _crlf_size(path: Path, inode: tuple[int, int]) -> int:
     total = 0
     prev_cr = False
-    with open(path, "rb") as f:
+    with open(_open_message(path, inode), "rb") as f:
         while chunk := f.read(_SCAN_SIZE):
             bare_lf = chunk.count(b"\n") - chunk.count(b"\r\n")
             if prev_cr and chunk[0] == 0x0A:
@@ -143,11 +200,15 @@ def _crlf_size(path: Path) -> int:
 
 
 def _measure(maildir: Path, files: list[_File]) -> None:
-    """Fill in ``size`` of ``files`` in place; follows moved files, leaves vanished ones at None."""
+    """Fill in ``size`` of ``files`` in place; follows moved files, leaves vanished (or swapped) ones at
+    None."""
     for f in files:
         for _attempt in range(2):
             try:
-                f.size = _crlf_size(f.path)
+                f.size = _crlf_size(f.path, f.inode)
+                break
+            except _Swapped as exc:
+                log.warning("maildir: %s left out of the snapshot: %s", f.path, exc)
                 break
             except FileNotFoundError:
                 moved = _locate(maildir, f.base)
@@ -225,13 +286,14 @@ class _TopCutter:
 
 
 class _MaildirMaildrop:
-    __slots__ = ("_entries", "_fixes", "_maildir", "_paths", "identity")
+    __slots__ = ("_entries", "_fixes", "_inodes", "_maildir", "_paths", "identity")
 
     def __init__(
         self,
         maildir: Path,
         entries: tuple[Entry, ...],
         paths: list[Path],
+        inodes: list[tuple[int, int]],
         fixes: dict[tuple[str, str], int],
         identity: str,
     ) -> None:
@@ -239,6 +301,7 @@ class _MaildirMaildrop:
         self._maildir = maildir
         self._entries = entries
         self._paths = paths  # current known path of each entry; updated when found moved
+        self._inodes = inodes  # (st_dev, st_ino) of each entry's file at the snapshot
         self._fixes = fixes  # the backend's size corrections, shared
 
     def note_size(self, index: int, octets: int) -> None:
@@ -260,19 +323,15 @@ class _MaildirMaildrop:
         cutter = _TopCutter(top_lines) if top_lines is not None and top_lines >= 0 else None
         base = self._entries[index].upstream_id
         try:
-            f = await trio.open_file(self._paths[index], "rb")
+            fd = await self._open(index)
         except FileNotFoundError:
             # moved to cur/ or re-flagged by another client since the snapshot?
             self._paths[index] = await self._relocate(base)
             try:
-                f = await trio.open_file(self._paths[index], "rb")
+                fd = await self._open(index)
             except FileNotFoundError:
                 raise MessageGone(f"maildir: message {base!r} vanished") from None
-            except OSError as exc:
-                raise TempFailure(f"maildir: cannot open message {base!r}: {exc}") from exc
-        except OSError as exc:
-            raise TempFailure(f"maildir: cannot open message {base!r}: {exc}") from exc
-        async with f:
+        async with trio.wrap_file(os.fdopen(fd, "rb")) as f:
             while True:
                 try:
                     chunk = await f.read(CHUNK_SIZE)
@@ -283,6 +342,19 @@ class _MaildirMaildrop:
                 yield chunk
                 if cutter is not None and cutter.feed(chunk):
                     return
+
+    async def _open(self, index: int) -> int:
+        """The descriptor of the snapshot's file of ``index``; FileNotFoundError when its name is gone."""
+        path, base = self._paths[index], self._entries[index].upstream_id
+        try:
+            return await trio.to_thread.run_sync(_open_message, path, self._inodes[index])
+        except FileNotFoundError:
+            raise
+        except _Swapped as exc:
+            log.warning("maildir: refusing to read %s: not the file of the snapshot (%s)", path, exc)
+            raise TempFailure(f"maildir: message {base!r} was replaced: {exc}") from None
+        except OSError as exc:
+            raise TempFailure(f"maildir: cannot open message {base!r}: {exc}") from exc
 
     async def _relocate(self, base: str) -> Path:
         try:
@@ -333,6 +405,10 @@ class MaildirBackend:
 
     def lock_key(self, identity: str) -> str:
         return f"maildir:{self._root}:{identity}"
+
+    async def probe(self) -> None:
+        if not await trio.to_thread.run_sync(os.access, self._root, os.R_OK | os.X_OK):
+            raise NotReachable("maildir root not readable")
 
     async def aclose(self) -> None:
         pass
@@ -433,7 +509,9 @@ class MaildirBackend:
             Entry(f.base, fixes.get((str(maildir), f.base), size), uidl_or_sha1(f.base))
             for f, size in present
         )
-        return _MaildirMaildrop(maildir, entries, [f.path for f, _ in present], fixes, identity)
+        return _MaildirMaildrop(
+            maildir, entries, [f.path for f, _ in present], [f.inode for f, _ in present], fixes, identity
+        )
 
 
 def _apop_matches(timestamp: str, secret: str, digest: str) -> bool:

@@ -12,7 +12,10 @@ Invariants:
   may help (``temporary``).
 - Ids that come from the server are checked against the RFC 8620 ``Id`` syntax (1-255 of ``A-Za-z0-9-_``)
   before they are used in a URL, a JSON pointer or a UIDL.
-- A request never holds credentials: authentication is the transport's business.
+- A request never holds credentials: authentication is the transport's business. Where they may go is
+  decided here, once: ``CredentialScope`` (the configured URL's origin, the operator's extra origins,
+  never cleartext when the configured scheme is TLS), and which account a shared token serves a POP3
+  user is ``choose_account`` (an explicit mapping, else one exact name match).
 """
 
 from __future__ import annotations
@@ -30,17 +33,21 @@ __all__ = [
     "CORE",
     "MAIL",
     "Account",
+    "CredentialScope",
     "EmailRecord",
     "JmapError",
     "MailboxRecord",
     "MalformedResponse",
     "MethodError",
+    "NoAccount",
+    "Origin",
     "QueryPage",
     "Request",
     "RequestError",
     "Response",
     "Session",
     "SetOutcome",
+    "choose_account",
     "download_url",
     "email_add_keyword",
     "email_destroy",
@@ -53,6 +60,8 @@ __all__ = [
     "is_id",
     "mailbox_get",
     "mailboxes",
+    "origin_of",
+    "parse_account_map",
     "parse_problem",
     "parse_response",
     "parse_session",
@@ -261,6 +270,141 @@ def download_url(
     for key, value in values.items():
         out = out.replace("{" + key + "}", urllib.parse.quote(value, safe=""))
     return out
+
+
+# ------------------------------------------------------------------ where credentials may go
+
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Origin:
+    """An RFC 6454 origin: scheme, host (lowercase, IDNA-encoded) and port (the default one filled in)."""
+
+    scheme: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        port = "" if _DEFAULT_PORTS[self.scheme] == self.port else f":{self.port}"
+        return f"{self.scheme}://{host}{port}"
+
+
+def origin_of(url: str) -> Origin:
+    """The origin of an absolute http(s) URL; ValueError when it has none (no host, a bad port...)."""
+    parts = urllib.parse.urlsplit(url)  # ValueError for a bad IPv6 literal
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"not an http(s) URL: {url[:100]!r}")
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError(f"no host in {url[:100]!r}")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"not a host name: {host[:100]!r}") from None
+    port = parts.port  # ValueError when it is not a number in 0..65535
+    return Origin(scheme, host.lower(), port if port is not None else _DEFAULT_PORTS[scheme])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CredentialScope:
+    """Where the upstream credentials (a user's password, the shared token) may be sent.
+
+    Only to the origin of the configured URL and to the origins the operator lists; and never over
+    cleartext ``http`` when the configured URL is ``https``, whatever the list says. Everything the
+    upstream hands out (a redirect's Location, ``apiUrl``, ``downloadUrl``) is checked against it before
+    a request carrying credentials is built."""
+
+    home: Origin
+    extra: frozenset[Origin] = frozenset()
+
+    @classmethod
+    def build(cls, configured_url: str, allowed: Iterable[str] = ()) -> CredentialScope:
+        """ValueError names the entry of ``allowed`` that is not a bare origin or would be cleartext."""
+        home = origin_of(configured_url)
+        extra: set[Origin] = set()
+        for entry in allowed:
+            origin = origin_of(entry)
+            if urllib.parse.urlsplit(entry).path not in ("", "/") or "?" in entry or "#" in entry:
+                raise ValueError(f"{entry!r} is not an origin: write scheme://host[:port] only")
+            if home.scheme == "https" and origin.scheme != "https":
+                raise ValueError(f"{entry!r}: the upstream is https, credentials never go over http")
+            extra.add(origin)
+        return cls(home, frozenset(extra))
+
+    def refusal(self, url: str) -> str | None:
+        """None when a request to ``url`` may carry the credentials, else why not (for a log line)."""
+        try:
+            origin = origin_of(url)
+        except ValueError as exc:
+            return str(exc)
+        if self.home.scheme == "https" and origin.scheme != "https":
+            return f"{origin} is cleartext and the upstream is https"
+        if origin != self.home and origin not in self.extra:
+            return f"{origin} is not the upstream's origin {self.home} nor an allowed one"
+        return None
+
+
+class NoAccount(JmapError):
+    """No mail account of a shared token's session is the POP3 user's. ``misconfigured``: the operator
+    must act (two accounts bear the name, or the mapping names an account the session lacks); else the
+    user simply has no account there."""
+
+    temporary = False
+
+    def __init__(self, message: str, *, misconfigured: bool = False) -> None:
+        super().__init__(message)
+        self.misconfigured = misconfigured
+
+
+def parse_account_map(entries: Iterable[str]) -> dict[str, str]:
+    """``POP3USER=ACCOUNTID`` lines (the account id is a JMAP Id, which has no ``=``) as a mapping.
+    ValueError names a malformed entry or a user mapped twice."""
+    out: dict[str, str] = {}
+    for entry in entries:
+        user, sep, account_id = entry.rpartition("=")
+        if not sep or not user or not is_id(account_id):
+            raise ValueError(
+                f"{entry[:100]!r} is not POP3USER=ACCOUNTID (an account id is 1-255 of A-Za-z0-9_-)"
+            )
+        if user in out:
+            raise ValueError(f"{user[:100]!r} is mapped twice")
+        out[user] = account_id
+    return out
+
+
+def choose_account(session: Session, user: str, mapping: Mapping[str, str]) -> Account:
+    """The mail account a shared token's session serves the POP3 ``user`` (already authenticated locally).
+
+    1. ``mapping`` (the operator's ``user -> accountId``) decides for the users it names.
+    2. Else the one account whose name is exactly ``user``; two such accounts are ambiguous.
+    3. Else, when the session's own username is exactly ``user``, its primary mail account.
+    Names are compared exactly: case folding would let ``Alice`` reach the account of ``alice``."""
+    if user in mapping:
+        wanted = mapping[user]
+        found = next((a for a in session.accounts if a.id == wanted), None)
+        if found is None:
+            raise NoAccount(
+                f"the mapping names account {wanted!r}, which the token's session lacks", misconfigured=True
+            )
+        return found
+    named = [a for a in session.accounts if a.name == user]
+    if len(named) > 1:
+        ids = ", ".join(a.id for a in named[:5])
+        raise NoAccount(
+            f"{len(named)} mail accounts are named {user[:100]!r} ({ids}): map the user to one",
+            misconfigured=True,
+        )
+    if named:
+        return named[0]
+    if session.username == user:
+        primary = session.account(None)
+        if primary is not None:
+            return primary
+    raise NoAccount(f"the token's session has no mail account named {user[:100]!r}")
 
 
 # ------------------------------------------------------------------ requests

@@ -36,7 +36,9 @@ class Lookup(enum.Enum):
     DELETED = "message is deleted"
 
 
-class Maildrop:
+class SessionMaildrop:
+    """The session's own view of a snapshot (not ``backends.base.Maildrop``, the upstream side)."""
+
     __slots__ = ("_deleted", "_deleted_octets", "_messages", "_total_octets", "generation")
 
     def __init__(self, messages: Sequence[Listed]) -> None:

@@ -32,7 +32,7 @@ Invariants:
   [IN-USE], [LOGIN-DELAY] and [SYS/...] refusals do not.
 - APOP is offered (a timestamp in the greeting) only when the caller gives one: where APOP can succeed.
 - Which command is legal in which state is the one table ``_ALLOWED`` below.
-- Message numbers are 1-based and fixed for the session; deletion marks live in ``Maildrop``.
+- Message numbers are 1-based and fixed for the session; deletion marks live in ``SessionMaildrop``.
 - Nothing is deleted unless QUIT is received in TRANSACTION: then Commit carries the marked indexes.
   A closed connection or an autologout gives ConnectionClosed/Close, never Commit.
 - After STLS, bytes the client pipelined behind it in plaintext are refused: -ERR and Close.
@@ -55,7 +55,7 @@ from gateway.proto.common import NEED_DATA as NEED_DATA
 from gateway.proto.common import LocalProtocolError as LocalProtocolError
 from gateway.proto.common import NeedData as NeedData
 from gateway.proto.logins import ApopLogin, Login, PasswordLogin
-from gateway.proto.maildrop import Listed, Lookup, Maildrop
+from gateway.proto.maildrop import Listed, Lookup, SessionMaildrop
 
 CRLF: Final = b"\r\n"
 LISTING_SLICE: Final = 65536  # octets a queued lazy listing counts for
@@ -497,7 +497,7 @@ class Connection:
         self.timestamp = apop_timestamp  # None: APOP is not offered
         self.tls_active = tls_active
         self.state = State.AUTHORIZATION
-        self.maildrop: Maildrop | None = None
+        self.maildrop: SessionMaildrop | None = None
         self.username: str | None = None  # after USER, and the authenticated name after login
         self.auth_failures = 0
         self.bad_commands = 0
@@ -873,7 +873,7 @@ class Connection:
 
     def auth_succeeded(self, messages: Sequence[Listed], username: str) -> None:
         self._expect(Authenticate, State.AUTHORIZATION)
-        self.maildrop = Maildrop(messages)
+        self.maildrop = SessionMaildrop(messages)
         self.username = username
         self.state = State.TRANSACTION
         count, octets = self.maildrop.stat()

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.proto.body import BodyEncoder, wire_size
-from gateway.proto.maildrop import Lookup, Maildrop, MessageInfo
+from gateway.proto.maildrop import Lookup, MessageInfo, SessionMaildrop
 
 
 def encode(message: bytes, top: int | None = None, step: int | None = None) -> tuple[bytes, int]:
@@ -153,7 +153,7 @@ def test_client_recovers_the_normalised_message(msg: bytes) -> None:
 
 
 def test_maildrop_lookup_and_plan() -> None:
-    md = Maildrop([MessageInfo(1, "a"), MessageInfo(2, "b")])
+    md = SessionMaildrop([MessageInfo(1, "a"), MessageInfo(2, "b")])
     assert len(md) == 2
     assert md.lookup(0) is Lookup.NO_SUCH_MESSAGE
     assert md.lookup(3) is Lookup.NO_SUCH_MESSAGE

@@ -498,6 +498,110 @@ def test_is_id() -> None:
     assert jmap.is_id("Ab-_09") and not jmap.is_id("") and not jmap.is_id("a" * 256) and not jmap.is_id(5)
 
 
+# ------------------------------------------------------------------ where credentials may go
+
+
+@pytest.mark.parametrize(
+    ("url", "origin", "text"),
+    [
+        ("https://Mail.Example/jmap", jmap.Origin("https", "mail.example", 443), "https://mail.example"),
+        ("HTTP://h:8080", jmap.Origin("http", "h", 8080), "http://h:8080"),
+        ("http://h:80/x?y", jmap.Origin("http", "h", 80), "http://h"),
+        ("https://[::1]:8443/", jmap.Origin("https", "::1", 8443), "https://[::1]:8443"),
+        (
+            "https://bücher.example/",
+            jmap.Origin("https", "xn--bcher-kva.example", 443),
+            "https://xn--bcher-kva.example",
+        ),
+    ],
+)
+def test_origins_fill_in_default_ports_and_lowercase_hosts(url: str, origin: jmap.Origin, text: str) -> None:
+    assert jmap.origin_of(url) == origin
+    assert str(origin) == text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://h/",
+        "/relative",
+        "http:///nohost",
+        "http://h:99999/",
+        "http://[::1/",
+        "https://" + "ü" * 70 + "/",
+    ],
+)
+def test_urls_without_an_origin_raise_value_error(url: str) -> None:
+    with pytest.raises(ValueError):
+        jmap.origin_of(url)
+
+
+def test_credentials_go_only_to_the_configured_origin_and_allowed_ones() -> None:
+    scope = jmap.CredentialScope.build("https://mail.example/.well-known/jmap", ["https://api.example:8443/"])
+    assert scope.refusal("https://MAIL.example:443/jmap/") is None
+    assert scope.refusal("https://api.example:8443/jmap/") is None
+    assert "not the upstream's origin" in (scope.refusal("https://evil.example/jmap/") or "")
+    assert "not the upstream's origin" in (scope.refusal("https://mail.example:8443/") or "")
+    assert "not the upstream's origin" in (scope.refusal("https://api.example/") or "")
+    assert "cleartext" in (scope.refusal("http://mail.example/jmap/") or "")
+    assert "no host" in (scope.refusal("https:///x") or "")
+    plain = jmap.CredentialScope.build("http://h:8080/x")
+    assert plain.refusal("http://h:8080/y") is None
+    assert plain.refusal("https://h:8080/y") is not None  # another scheme is another origin
+    assert plain.refusal("http://h/") is not None
+    with pytest.raises(ValueError, match="never go over http"):
+        jmap.CredentialScope.build("https://h/", ["http://h2"])
+    for entry in ("https://h2/path", "https://h2/?q", "https://h2/#f", "h2"):
+        with pytest.raises(ValueError):
+            jmap.CredentialScope.build("https://h/", [entry])
+
+
+def test_account_maps_are_user_equals_account_id() -> None:
+    assert jmap.parse_account_map(["a=b=c1", "team@example.com=shared1"]) == {
+        "a=b": "c1",
+        "team@example.com": "shared1",
+    }
+    for bad in (["nouser"], ["=x"], ["u="], ["u=not an id"]):
+        with pytest.raises(ValueError, match="POP3USER=ACCOUNTID"):
+            jmap.parse_account_map(bad)
+    with pytest.raises(ValueError, match="mapped twice"):
+        jmap.parse_account_map(["u=a", "u=b"])
+
+
+def _session(*accounts: tuple[str, str], username: str = "owner", primary: str | None = None) -> jmap.Session:
+    raw = {
+        **SESSION,
+        "username": username,
+        "accounts": {i: {"name": n, "accountCapabilities": {jmap.MAIL: {}}} for i, n in accounts},
+        "primaryAccounts": {jmap.MAIL: primary} if primary else {},
+    }
+    return jmap.parse_session(encoded(raw), "http://h/")
+
+
+def test_a_token_account_is_chosen_by_mapping_then_exact_unique_name_then_the_owner() -> None:
+    s = _session(
+        ("a1", "alice"), ("a2", "Alice"), ("t1", "team"), ("t2", "team"), ("o1", "own"), primary="o1"
+    )
+    assert jmap.choose_account(s, "alice", {}).id == "a1"
+    assert jmap.choose_account(s, "Alice", {}).id == "a2"  # exact: never the other one by case folding
+    assert jmap.choose_account(s, "team", {"team": "t2"}).id == "t2"
+    assert jmap.choose_account(s, "someone", {"someone": "a1"}).id == "a1"
+    assert jmap.choose_account(s, "owner", {}).id == "o1"  # the session's own user: its primary account
+    with pytest.raises(jmap.NoAccount, match=r"2 mail accounts are named 'team' \(t1, t2\)") as err:
+        jmap.choose_account(s, "team", {})
+    assert err.value.misconfigured and not err.value.temporary
+    with pytest.raises(jmap.NoAccount, match="lacks") as err:
+        jmap.choose_account(s, "alice", {"alice": "gone"})
+    assert err.value.misconfigured
+    for user in ("ALICE", "Owner", "nobody"):
+        with pytest.raises(jmap.NoAccount, match="no mail account named") as err:
+            jmap.choose_account(s, user, {})
+        assert not err.value.misconfigured
+    no_primary = _session(("a1", "x"), ("a2", "y"))
+    with pytest.raises(jmap.NoAccount):
+        jmap.choose_account(no_primary, "owner", {})
+
+
 # ------------------------------------------------------------------ an in-memory JMAP server
 
 
@@ -1077,14 +1181,15 @@ async def test_bearer_token_with_the_users_file(
     add_user(users, "team@example.com", "team pass")
     add_user(users, "carol", "carol pass")
     email = fake.add(message(1))
-    backend = make(token="s3cret-token", users_file=str(users))
+    # the shared account is named "Team@Example.com": only an explicit mapping reaches it (no case folding)
+    backend = make(token="s3cret-token", users_file=str(users), token_accounts=("team@example.com=shared1",))
     async with backend.open_maildrop(PasswordLogin("alice", "pop3 pass")) as drop:
         assert [e.upstream_id for e in drop.entries] == [email.id]
     assert {r.headers["authorization"] for r in fake.requests if r.url.path != "/.well-known/jmap"} == {
         "Bearer s3cret-token"
     }
     async with backend.open_maildrop(PasswordLogin("team@example.com", "team pass")):
-        pass  # the shared account named like the POP3 user
+        pass  # the shared account mapped to the POP3 user
     for login in (
         PasswordLogin("alice", "pw"),
         PasswordLogin("nobody", "x"),
@@ -1179,7 +1284,7 @@ async def test_redirect_loops_and_downgrades_are_refused(make: Callable[..., Jma
     await backend.aclose()
 
 
-async def test_a_redirect_to_another_origin_is_followed(make: Callable[..., JmapBackend]) -> None:
+async def test_a_redirect_to_an_allowed_origin_is_followed(make: Callable[..., JmapBackend]) -> None:
     fake = FakeJmap()
     seen: list[str] = []
 
@@ -1190,8 +1295,9 @@ async def test_a_redirect_to_another_origin_is_followed(make: Callable[..., Jmap
         return fake.handler(request)
 
     backend = JmapBackend(
-        JmapSettings.from_url("jmap+https://example.test/"), transport=httpx.MockTransport(handler)
-    )
+        JmapSettings.from_url("jmap+https://example.test/", allowed_origins=("https://api.example.test",)),
+        transport=httpx.MockTransport(handler),
+    )  # followed because the operator allows that origin; otherwise see test_jmap_origins.py
     async with backend.open_maildrop(ALICE) as drop:
         assert drop.entries == []
     await backend.aclose()
@@ -1486,7 +1592,7 @@ async def test_a_token_session_whose_username_is_the_pop3_user(
     fake: FakeJmap, make: Callable[..., JmapBackend], tmp_path: Path
 ) -> None:
     fake.token = "tok"
-    fake.session_extra = {"username": "Bob"}
+    fake.session_extra = {"username": "bob"}  # exactly: "Bob" is another name (see test_jmap_accounts.py)
     add_user(tmp_path / "users", "bob", "bob pass")
     async with make(token="tok", users_file=str(tmp_path / "users")).open_maildrop(
         PasswordLogin("bob", "bob pass")
