@@ -61,7 +61,7 @@ import enum
 import re
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, TypeAlias, assert_never
 
 from gateway.proto.common import NEED_DATA as NEED_DATA
@@ -73,6 +73,7 @@ DEFAULT_MAX_LINE_LENGTH: Final = 64 * 1024
 DEFAULT_MAX_LITERAL_SIZE: Final = 1024 * 1024
 DEFAULT_MAX_DEPTH: Final = 64
 DEFAULT_MAX_ITEMS: Final = 20_000
+MAX_UID: Final = 0xFFFFFFFF  # UIDs and UIDVALIDITY are nz-number: 1 .. 2**32-1 (RFC 9051 section 9)
 LITERAL_MINUS_MAX: Final = 4096  # RFC 7888: LITERAL- allows {n+} only up to this size
 
 
@@ -269,6 +270,9 @@ class FetchBodyStart:
     seq: int
     item: str  # upper-case, e.g. "BODY[]", "BODY[HEADER]", "RFC822", "BINARY[1]<0>"
     size: int
+    # The UID when the response named it before the body (as servers do when asked for "(UID BODY[])"),
+    # so that a consumer can drop another message's body at once. None when it comes after.
+    uid: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +424,16 @@ class _Builder:
             return self._fetch_seq, name
         return None
 
+    def uid_so_far(self) -> int | None:
+        """The UID item of the FETCH response being read, if it came before the current value."""
+        if self._fetch_seq is None or len(self._stack) != 2:
+            return None
+        attrs = self._stack[1]
+        for key, value in zip(attrs[0:-1:2], attrs[1::2], strict=False):
+            if isinstance(key, Atom) and key.value.upper() == "UID" and isinstance(value, int):
+                return value
+        return None
+
     def append(self, value: Value) -> None:
         self._count()
         self._stack[-1].append(value)
@@ -432,7 +446,7 @@ class _Builder:
         if body is None:
             self.append(value)
             return
-        self._sink.append(FetchBodyStart(body[0], body[1], len(value)))
+        self._sink.append(FetchBodyStart(body[0], body[1], len(value), self.uid_so_far()))
         if value:
             self._sink.append(FetchBodyChunk(value))
         self._sink.append(FetchBodyEnd())
@@ -508,6 +522,9 @@ def _fetch(seq: int, values: tuple[Value, ...]) -> Fetch:
     for key in ("UID", "RFC822.SIZE"):
         if key in items and not isinstance(items[key], int):
             raise _malformed("FETCH")
+    uid = items.get("UID")
+    if isinstance(uid, int) and not 1 <= uid <= MAX_UID:
+        raise ImapProtocolError("a UID outside 1 .. 2**32-1")
     flags = items.get("FLAGS", ())
     if not isinstance(flags, tuple):
         raise _malformed("FETCH")
@@ -729,7 +746,11 @@ class ResponseParser:
         end = run.end()
         self._pos = end
         self._scan = max(self._scan, end)
-        return [(int(u), int(z)) for u, z in _SIZE_FETCH_RE.findall(buf, start, end)]
+        rows = [(int(u), int(z)) for u, z in _SIZE_FETCH_RE.findall(buf, start, end)]
+        if any(u > MAX_UID for u, _ in rows):  # the general parser refuses it the same way
+            self._read = _Read.ERROR
+            raise ImapProtocolError("a UID outside 1 .. 2**32-1")
+        return rows
 
     def _step(self) -> Event | NeedData | None:
         """Make progress; None means events may have been queued, call again."""
@@ -843,7 +864,7 @@ class ResponseParser:
         self._remaining = size
         body = partial.builder.body_item()
         if body is not None:
-            self._events.append(FetchBodyStart(body[0], body[1], size))
+            self._events.append(FetchBodyStart(body[0], body[1], size, partial.builder.uid_so_far()))
             self._body_size = size
             self._read = _Read.BODY
             return
