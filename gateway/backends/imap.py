@@ -701,6 +701,7 @@ class ImapMaildrop:
                 found.update(n for n in event.numbers if n in ours)
                 others += sum(1 for n in event.numbers if n not in ours)
 
+        await self._ok("NOOP")  # a server may search its last synced view (Dovecot does): sync first
         await self._ok("UID SEARCH", imap.Atom("DELETED"), on_untagged=collect)
         if others:
             raise TempFailure(
