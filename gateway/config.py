@@ -91,6 +91,8 @@ class UpstreamConfig:
     delete_policy: str = "expunge"
     mark_seen: bool = False
     uidl_format: str = "native"  # native, dovecot, uidvalidity-uid, gmail, hash (for new messages)
+    max_snapshot_rows: int = 500_000  # imap: messages one login may list; more is [SYS/TEMP]
+    expunge_without_uidplus: bool = False  # imap: allow the racy plain EXPUNGE when UIDPLUS is missing
     token: str = dataclasses.field(default="", repr=False)  # jmap: a bearer token instead of Basic
     allowed_origins: tuple[str, ...] = ()  # jmap: origins besides the URL's that may get credentials
     token_accounts: tuple[str, ...] = ()  # jmap with a token: "POP3USER=ACCOUNTID" lines
@@ -344,6 +346,8 @@ def validate(config: Config, text: str = "") -> None:
         fail(("limits", "auth_failure_window"), "windows and durations must be > 0")
     if config.upstream.uidl_format not in UIDL_FORMATS:
         fail(("upstream", "uidl_format"), "must be one of " + ", ".join(UIDL_FORMATS))
+    if config.upstream.max_snapshot_rows < 1:
+        fail(("upstream", "max_snapshot_rows"), "must be >= 1")
     policy = config.upstream.delete_policy
     if not (
         policy == "expunge"

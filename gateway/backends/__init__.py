@@ -57,6 +57,8 @@ def make_backend(config: Config) -> Backend:
                     url,
                     connect_timeout=config.server.upstream_timeout,
                     identity=IdentityPolicy.from_config(config.server),
+                    max_snapshot_rows=up.max_snapshot_rows,
+                    expunge_without_uidplus=up.expunge_without_uidplus,
                     **common,
                 )
             )

@@ -8,16 +8,27 @@
 - Identity: IMAP names no canonical user (Dovecot 2.3 and Cyrus 3.6 answer LOGIN, ID and NAMESPACE
   without it), so the maildrop's ``identity`` is the typed name normalised by ``settings.identity``.
 - Snapshot: SELECT, then ONE ``UID FETCH 1:* (UID RFC822.SIZE)``: the round trips do not grow with the
-  mailbox. Ordered by UID. UIDLs are Dovecot's default: ``%08x`` UID + ``%08x`` UIDVALIDITY.
+  mailbox. Ordered by UID. UIDLs are Dovecot's default: ``%08x`` UID + ``%08x`` UIDVALIDITY. A UID or
+  UIDVALIDITY outside 1..2**32-1 is a malformed upstream (TempFailure at login). The store key is the
+  EMAILID (OBJECTID) when there is one, unique per snapshot (``_emailid_keys``), else UIDVALIDITY+UID.
+- Bounds against a hostile upstream (all TempFailure for that session only): more messages than
+  ``max_snapshot_rows``; more untagged responses or octets in one command than its budget
+  (``ImapConnection._budget``: grows with the mailbox SELECT reported; requested bodies do not count).
+  Untagged responses are never collected: each command hands them to a callback that keeps what it
+  needs. A body nobody asked for (another section, another UID, a second one) is dropped chunk by chunk
+  as the parser frames it.
 - RETR streams ``UID FETCH uid (BODY.PEEK[])`` from the literal to the client; TOP fetches bounded ranges
   (``BODY.PEEK[]<start.len>``) until the caller has the lines it needs. A message that vanished
   upstream is MessageGone; a connection that dies mid-message is TempFailure (never a clean end).
 - Deletions at QUIT, by policy:
-  ``expunge``: ``UID STORE +FLAGS.SILENT (\\Deleted)`` then ``UID EXPUNGE`` (UIDPLUS). Without UIDPLUS a
-  plain EXPUNGE is used only when no other message in the folder carries ``\\Deleted``; otherwise our
-  flags are taken back and the client gets -ERR [SYS/TEMP]: another client's pending deletions are never
-  expunged by us. ``move:<folder>``: UID MOVE, or UID COPY + the expunge above. ``flag:<keyword>``:
-  the keyword is set, and later snapshots leave such messages out.
+  ``expunge``: ``UID STORE +FLAGS.SILENT (\\Deleted)`` then ``UID EXPUNGE`` (UIDPLUS). Without UIDPLUS
+  the deletions are refused (TempFailure before anything changes): between any check and a plain
+  EXPUNGE another client may flag a message, and EXPUNGE would remove it. ``expunge_without_uidplus``
+  opts in to the checked plain EXPUNGE (``UID SEARCH DELETED`` before and after our STORE; another
+  client's pending ``\\Deleted`` refuses it and only the flags we set are taken back).
+  ``move:<folder>``: UID MOVE, or UID COPY + the expunge above (a COPY that succeeded is remembered, so a
+  retry after a failed expunge copies nothing twice). ``flag:<keyword>``: the keyword is set, and later
+  snapshots leave such messages out.
 - Any exception inside one IMAP exchange marks the connection broken; later calls fail fast.
 """
 
@@ -29,7 +40,8 @@ import dataclasses
 import logging
 import ssl
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import TypeAlias
 
 import trio
 
@@ -66,6 +78,15 @@ MAX_USERNAME_OCTETS = 256
 MAX_PASSWORD_OCTETS = 1024
 MAX_SIZE_FIXES = 100_000
 ENTRIES_CACHE_MESSAGES = 500_000  # snapshot entries kept for the next login (~100 B each)
+DEFAULT_MAX_SNAPSHOT_ROWS = 500_000  # upstream.max_snapshot_rows: messages one snapshot may hold
+# The untagged budget of one command: what a server may send besides the tagged reply and the bodies we
+# asked for. A mailbox of n messages legitimately adds about one EXPUNGE and one FLAGS update per message
+# (and one FETCH line per message to the snapshot), so the budget grows with the mailbox SELECT reported.
+UNTAGGED_BASE_EVENTS = 10_000
+UNTAGGED_EVENTS_PER_MESSAGE = 2
+UNTAGGED_BASE_OCTETS = 16 * 1024 * 1024
+UNTAGGED_OCTETS_PER_MESSAGE = 1024
+MAX_COPIED_MEMORY = 100_000  # (mailbox, UIDVALIDITY, UID, target) copies remembered across retries
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,6 +101,11 @@ class ImapSettings:
     mark_seen: bool = False
     connect_timeout: float = 15.0
     identity: IdentityPolicy = DEFAULT_POLICY  # IMAP reports no canonical user name: normalise ours
+    max_snapshot_rows: int = DEFAULT_MAX_SNAPSHOT_ROWS
+    # Without UIDPLUS a plain EXPUNGE also removes what another client flagged \Deleted between our check
+    # and the EXPUNGE. Off: deletions that need it are refused with [SYS/TEMP]. On: for mailboxes that
+    # only the gateway changes.
+    expunge_without_uidplus: bool = False
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> ImapSettings:
@@ -96,12 +122,33 @@ class ImapSettings:
         return cls(host=parts.hostname, port=port, tls=tls, **kwargs)  # type: ignore[arg-type]
 
 
+OnUntagged: TypeAlias = Callable[[imap.Event], None]
+
+
+@dataclasses.dataclass(slots=True)
+class Snapshot:
+    """What ``UID FETCH 1:*`` left: the tagged reply, the (UID, size) rows and the EMAILIDs by UID."""
+
+    tagged: imap.Tagged
+    rows: list[tuple[int, int]]
+    emailids: dict[int, str]
+
+
+def _body_base(item: str) -> str:
+    """The body a FETCH item names, as the server echoes it: BODY.PEEK[]<0.100> and BODY[]<0> are BODY[]."""
+    return item.upper().replace(".PEEK", "", 1).split("<", 1)[0]
+
+
 def client_tls_context(settings: ImapSettings) -> ssl.SSLContext:
     return tls.client_context(settings.ca_file, settings.insecure)
 
 
 class _Broken(Exception):
     pass
+
+
+class _Overrun(_Broken):
+    """The upstream sent more than one command may: a hostile or broken server, or an interception."""
 
 
 class ImapConnection:
@@ -114,6 +161,9 @@ class ImapConnection:
         self._unfinished: str | None = None  # a tag whose response was abandoned (TOP cut)
         self.uidvalidity = 0
         self.exists = 0
+        self._events_left = 0  # the current command's untagged budget (see _budget)
+        self._octets_left = 0
+        self._budget()
 
     @classmethod
     async def connect(cls, settings: ImapSettings, tls_context: ssl.SSLContext | None) -> ImapConnection:
@@ -154,7 +204,7 @@ class ImapConnection:
             await self.command("CAPABILITY")
         if "STARTTLS" not in self.client.capabilities:
             raise TempFailure("the upstream does not offer STARTTLS")
-        tagged, _ = await self.command("STARTTLS")
+        tagged = await self.command("STARTTLS")
         if tagged.condition is not imap.Condition.OK:
             raise TempFailure("the upstream refused STARTTLS")
         assert tls_context is not None
@@ -177,32 +227,64 @@ class ImapConnection:
 
     # -- reading
 
+    def _budget(self) -> None:
+        """A fresh untagged budget for the next command (the only place the budget is set)."""
+        self._events_left = UNTAGGED_BASE_EVENTS + UNTAGGED_EVENTS_PER_MESSAGE * self.exists
+        self._octets_left = UNTAGGED_BASE_OCTETS + UNTAGGED_OCTETS_PER_MESSAGE * self.exists
+
+    def _spend(self, events: int) -> None:
+        self._events_left -= events
+        if self._events_left < 0:
+            raise _Overrun("upstream sent too many untagged responses for one command")
+
+    def accepted(self, octets: int) -> None:
+        """Body bytes that were asked for: they do not count against the untagged budget."""
+        self._octets_left += octets
+
+    async def _receive(self) -> None:
+        data = await self.stream.receive_some(READ_SIZE)
+        self._octets_left -= len(data)
+        if self._octets_left < 0:
+            raise _Overrun("upstream sent too many octets for one command")
+        self.client.receive_data(bytes(data))
+
     async def _event(self) -> imap.Event:
         while True:
             event = self.client.next_event()
             if not isinstance(event, imap.NeedData):
-                if isinstance(event, imap.ConnectionClosed):
-                    raise _Broken("upstream closed the connection")
+                match event:
+                    case imap.ConnectionClosed():
+                        raise _Broken("upstream closed the connection")
+                    case imap.UntaggedStatus() if event.condition is imap.Condition.BYE:
+                        raise _Broken(f"upstream said BYE: {event.text}")
+                    case (
+                        imap.Tagged()
+                        | imap.Continuation()
+                        | imap.FetchBodyStart()
+                        | imap.FetchBodyChunk()
+                        | imap.FetchBodyEnd()
+                    ):
+                        pass  # parts of a FETCH response count once, with its Fetch event
+                    case _:
+                        self._spend(1)
                 return event
-            data = await self.stream.receive_some(READ_SIZE)
-            self.client.receive_data(bytes(data))
+            await self._receive()
 
-    async def _finish(self, tag: str) -> tuple[imap.Tagged, list[imap.Event]]:
-        untagged: list[imap.Event] = []
+    async def _finish(self, tag: str, on_untagged: OnUntagged | None = None) -> imap.Tagged:
+        """Read up to the tagged reply to ``tag``; untagged responses go to ``on_untagged`` (never kept
+        here: bodies nobody asked for are dropped chunk by chunk as they arrive)."""
         while True:
             event = await self._event()
             if isinstance(event, imap.Tagged) and event.tag == tag:
-                return event, untagged
-            if isinstance(event, imap.UntaggedStatus) and event.condition is imap.Condition.BYE:
-                raise _Broken(f"upstream said BYE: {event.text}")
-            if isinstance(event, imap.FetchBodyChunk):
-                continue  # never keep body bytes we did not ask to stream
-            untagged.append(event)
+                return event
+            if on_untagged is not None and not isinstance(event, imap.FetchBodyChunk):
+                on_untagged(event)
 
     async def _drain_unfinished(self) -> None:
         if self._unfinished is not None:
             tag, self._unfinished = self._unfinished, None
             await self._finish(tag)
+            self._budget()  # the drained response had its own budget; the next command gets a fresh one
 
     # -- commands
 
@@ -210,6 +292,7 @@ class ImapConnection:
     async def _exchange(self) -> AsyncIterator[None]:
         if self.broken:
             raise TempFailure("the upstream connection is broken")
+        self._budget()
         try:
             yield
         except (
@@ -230,7 +313,8 @@ class ImapConnection:
             self.broken = True  # cancelled or timed out in the middle of a response
             raise
 
-    async def command(self, name: str, *args: imap.Arg) -> tuple[imap.Tagged, list[imap.Event]]:
+    async def command(self, name: str, *args: imap.Arg, on_untagged: OnUntagged | None = None) -> imap.Tagged:
+        """Send one command and return its tagged reply; ``on_untagged`` sees each untagged response."""
         async with self._exchange():
             await self._drain_unfinished()
             tag, data = self.client.send_command(name, *args)
@@ -240,8 +324,8 @@ class ImapConnection:
                 if isinstance(event, imap.Continuation):
                     await self.stream.send_all(self.client.continue_command())
                 elif isinstance(event, imap.Tagged) and event.tag == tag:
-                    return event, []
-            return await self._finish(tag)
+                    return event
+            return await self._finish(tag, on_untagged)
 
     async def authenticate_plain(self, user: str, password: str) -> imap.Tagged:
         payload = imap.encode_authenticate_plain("", user, password)
@@ -257,8 +341,7 @@ class ImapConnection:
                 if isinstance(event, imap.Tagged) and event.tag == tag:
                     return event
                 await self.stream.send_all(self.client.authenticate_response(payload))
-            tagged, _ = await self._finish(tag)
-            return tagged
+            return await self._finish(tag)
 
     async def fetch_body(
         self, uid: int, section: str, expect_size: int | None = None
@@ -269,17 +352,28 @@ class ImapConnection:
             await self._drain_unfinished()
             tag, data = self.client.send_command("UID FETCH", uid, imap.Raw(f"({section})"))
             await self.stream.send_all(data)
+            item = _body_base(section)
             seen_body = False
+            streaming = False  # inside the one body that answers us; any other body is dropped unread
             while True:
                 event = await self._event()
                 match event:
                     case imap.FetchBodyStart(size=size):
+                        streaming = (
+                            not seen_body and _body_base(event.item) == item and event.uid in (None, uid)
+                        )
+                        if not streaming:
+                            continue
                         seen_body = True
                         self._unfinished = tag  # if the consumer stops early, drain before the next command
                         if expect_size is not None and size != expect_size:
                             raise SizeChanged(f"UID {uid}: listed {expect_size}, upstream sends {size}", size)
                     case imap.FetchBodyChunk(chunk):
-                        yield chunk
+                        if streaming:
+                            self.accepted(len(chunk))
+                            yield chunk
+                    case imap.FetchBodyEnd():
+                        streaming = False
                     case imap.Tagged() if event.tag == tag:
                         self._unfinished = None
                         if event.condition is not imap.Condition.OK:
@@ -287,37 +381,62 @@ class ImapConnection:
                         if not seen_body:
                             raise MessageGone(f"UID {uid} is gone")
                         return
-                    case imap.UntaggedStatus() if event.condition is imap.Condition.BYE:
-                        raise _Broken(f"upstream said BYE: {event.text}")
                     case _:
                         pass
 
-    async def fetch_snapshot(self, items: str) -> tuple[imap.Tagged, list[tuple[int, int]], list[imap.Event]]:
-        """``UID FETCH 1:* items``: plain (UID, RFC822.SIZE) lines through the parser's fast path, anything
-        else as events. One round trip whatever the mailbox size."""
-        rows: list[tuple[int, int]] = []
-        other: list[imap.Event] = []
+    async def fetch_snapshot(self, items: str, *, hide: str | None, max_rows: int) -> Snapshot:
+        """``UID FETCH 1:* items``: plain (UID, RFC822.SIZE) lines through the parser's fast path, the
+        others (FLAGS, EMAILID) one event at a time. One round trip whatever the mailbox size. Nothing but
+        the rows is kept: more than ``max_rows`` of them is TempFailure, and the untagged budget bounds
+        everything else the server sends."""
+        snap = Snapshot(imap.Tagged("", imap.Condition.OK, None, ""), [], {})
+        rows, emailids = snap.rows, snap.emailids
+
+        def row(uid: int, size: int) -> None:
+            if len(rows) >= max_rows:
+                raise TempFailure(
+                    f"the folder holds more than upstream.max_snapshot_rows={max_rows} messages"
+                )
+            rows.append((uid, size))
+
         async with self._exchange():
             await self._drain_unfinished()
             tag, data = self.client.send_command("UID FETCH", imap.Atom("1:*"), imap.Raw(items))
             await self.stream.send_all(data)
             while True:
-                rows.extend(self.client.next_size_fetches())
+                plain = self.client.next_size_fetches()
+                if plain:
+                    self._spend(len(plain))
+                    for uid, size in plain:  # only ever lines with exactly UID and RFC822.SIZE
+                        row(uid, size)
+                    continue
                 event = self.client.next_event()
                 if isinstance(event, imap.NeedData):
-                    self.client.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+                    await self._receive()
                     continue
                 match event:
                     case imap.ConnectionClosed():
                         raise _Broken("upstream closed the connection")
-                    case imap.Tagged() if event.tag == tag:
-                        return event, rows, other
                     case imap.UntaggedStatus() if event.condition is imap.Condition.BYE:
                         raise _Broken(f"upstream said BYE: {event.text}")
-                    case imap.FetchBodyChunk():
-                        pass
+                    case imap.Tagged() if event.tag == tag:
+                        snap.tagged = event
+                        return snap
+                    case imap.Fetch():
+                        self._spend(1)
+                        got, octets = event.uid, event.rfc822_size
+                        if got is None or octets is None:
+                            continue  # an unsolicited FLAGS update, say
+                        if hide and any(f.lower() == hide for f in event.flags or ()):
+                            continue
+                        row(got, octets)
+                        emailid = _emailid(event.items.get("EMAILID"))
+                        if emailid:
+                            emailids[got] = emailid
+                    case imap.FetchBodyStart() | imap.FetchBodyChunk() | imap.FetchBodyEnd():
+                        pass  # a body nobody asked for: dropped as it arrives
                     case _:
-                        other.append(event)
+                        self._spend(1)
 
     async def fetch_small_bodies(self, uids: Sequence[int], max_each: int) -> dict[int, bytes]:
         """One ``UID FETCH set (UID BODY.PEEK[])`` for small messages, kept whole (each at most
@@ -329,7 +448,9 @@ class ImapConnection:
                 "UID FETCH", imap.sequence_set(uids), imap.Raw("(UID BODY.PEEK[])")
             )
             await self.stream.send_all(data)
+            wanted = set(uids)
             block = bytearray()
+            keeping = False  # inside a body that may answer us; any other is dropped as it arrives
             pending: bytes | None = None
             while True:
                 event = await self._event()
@@ -337,20 +458,26 @@ class ImapConnection:
                     case imap.FetchBodyStart():
                         block.clear()
                         pending = None
+                        keeping = (
+                            event.item == "BODY[]"
+                            and event.size <= max_each
+                            and (event.uid is None or (event.uid in wanted and event.uid not in bodies))
+                        )
                     case imap.FetchBodyChunk(chunk):
-                        if len(block) <= max_each:
+                        if keeping:
+                            self.accepted(len(chunk))
                             block += chunk
                     case imap.FetchBodyEnd():
-                        pending = bytes(block) if len(block) <= max_each else None
+                        pending = bytes(block) if keeping else None
+                        keeping = False
                         block.clear()
                     case imap.Fetch():
-                        if event.uid is not None and pending is not None:
-                            bodies[event.uid] = pending
+                        uid = event.uid
+                        if uid in wanted and uid not in bodies and pending is not None:
+                            bodies[uid] = pending
                         pending = None
                     case imap.Tagged() if event.tag == tag:
                         return bodies  # a NO just means fewer bodies: the caller fetches the rest itself
-                    case imap.UntaggedStatus() if event.condition is imap.Condition.BYE:
-                        raise _Broken(f"upstream said BYE: {event.text}")
                     case _:
                         pass
 
@@ -366,30 +493,38 @@ class ImapConnection:
                 "UID FETCH", imap.sequence_set(uids), imap.Raw("(UID BODY.PEEK[HEADER])")
             )
             await self.stream.send_all(data)
+            wanted = set(uids)
             block = bytearray()
+            keeping = False  # inside a header block that may answer us; any other body is dropped
             pending: str | None = None
             while True:
                 event = await self._event()
                 match event:
                     case imap.FetchBodyStart():
                         block.clear()
+                        pending = None
+                        keeping = (
+                            event.item == "BODY[HEADER]"
+                            and event.size <= rules.MAX_HEADER_BLOCK
+                            and (event.uid is None or (event.uid in wanted and event.uid not in hashes))
+                        )
                     case imap.FetchBodyChunk(chunk):
-                        if len(block) <= rules.MAX_HEADER_BLOCK:
+                        if keeping:
+                            self.accepted(len(chunk))
                             block += chunk
                     case imap.FetchBodyEnd():
-                        pending = (
-                            rules.header_hash(bytes(block)) if len(block) <= rules.MAX_HEADER_BLOCK else None
-                        )
+                        pending = rules.header_hash(bytes(block)) if keeping else None
+                        keeping = False
+                        block.clear()
                     case imap.Fetch():
-                        if event.uid is not None and pending is not None:
-                            hashes[event.uid] = pending
+                        uid = event.uid
+                        if uid in wanted and uid not in hashes and pending is not None:
+                            hashes[uid] = pending
                         pending = None
                     case imap.Tagged() if event.tag == tag:
                         if event.condition is not imap.Condition.OK:
                             raise TempFailure(f"header fetch failed: {event.text}")
                         return hashes
-                    case imap.UntaggedStatus() if event.condition is imap.Condition.BYE:
-                        raise _Broken(f"upstream said BYE: {event.text}")
                     case _:
                         pass
 
@@ -404,8 +539,11 @@ class ImapMaildrop:
         fixes: dict[tuple[str, int, int], int],
         fix_key: str,
         identity: str,
+        copied: collections.OrderedDict[tuple[str, int, int, str], None] | None = None,
     ) -> None:
         self.conn = conn
+        # UID COPY (move: without MOVE) done in an earlier session whose expunge then failed: never again
+        self._copied = copied if copied is not None else collections.OrderedDict()
         self.identity = identity
         self.settings = settings
         self._entries = entries
@@ -494,47 +632,93 @@ class ImapMaildrop:
     async def apply_deletions(self, indexes: Sequence[int]) -> None:
         if not indexes:
             return
-        uids = imap.sequence_set(self._uids[i] for i in indexes)
+        ours = {self._uids[i] for i in indexes}
+        uids = imap.sequence_set(ours)
         policy = self.settings.delete_policy
         if policy.startswith("flag:"):
             keyword = imap.Atom(policy[5:])
             await self._ok("UID STORE", uids, imap.Atom("+FLAGS.SILENT"), [keyword])
             return
-        if policy.startswith("move:"):
-            target = policy[5:]
-            if "MOVE" in self.conn.client.capabilities:
-                await self._ok("UID MOVE", uids, target)
-                return
-            await self._ok("UID COPY", uids, target)
-        await self._ok("UID STORE", uids, imap.Atom("+FLAGS.SILENT"), [imap.Atom("\\Deleted")])
-        await self._expunge(uids, len(indexes))
-
-    async def _expunge(self, uids: imap.Atom, count: int) -> None:
         caps = self.conn.client.capabilities
-        if "UIDPLUS" in caps or "IMAP4REV2" in caps:
+        target = policy[5:] if policy.startswith("move:") else None
+        if target is not None and "MOVE" in caps:
+            await self._ok("UID MOVE", uids, target)  # RFC 6851: expunges exactly the moved messages
+            return
+        uidplus = "UIDPLUS" in caps or "IMAP4REV2" in caps
+        if not uidplus and not self.settings.expunge_without_uidplus:
+            # Refused before anything changes (no copy, no flag): see docs/backends.md.
+            raise TempFailure(
+                f"not deleted: the upstream lacks UIDPLUS, so an EXPUNGE could remove another client's "
+                f"mail; {len(ours)} message(s) left in place (use a move:/flag: delete_policy, or "
+                f"upstream.expunge_without_uidplus for a mailbox only the gateway changes)"
+            )
+        already: set[int] = set()
+        if not uidplus:
+            already = await self._deleted_flags(ours)  # refuses if another client has a pending \Deleted
+        if target is not None:
+            await self._copy(ours, target)
+        mine = ours - already  # the \Deleted flags we set, and the only ones we ever take back
+        if mine:
+            await self._ok("UID STORE", imap.sequence_set(mine), imap.Atom("+FLAGS.SILENT"), [_DELETED])
+        if uidplus:
             await self._ok("UID EXPUNGE", uids)
-            return
-        # No UIDPLUS: a plain EXPUNGE would also remove what other clients flagged \Deleted.
-        _, untagged = await self._ok("UID SEARCH", imap.Atom("DELETED"))
-        flagged: set[int] = set()
-        for event in untagged:
-            if isinstance(event, imap.Search):
-                flagged.update(event.numbers)
-        ours = {u for lo, hi in imap.parse_sequence_set(uids.value) for u in range(lo, hi + 1)}
-        if flagged <= ours:
-            await self._ok("EXPUNGE")
-            return
-        await self._ok("UID STORE", uids, imap.Atom("-FLAGS.SILENT"), [imap.Atom("\\Deleted")])
-        raise TempFailure(
-            f"not expunged: the upstream lacks UIDPLUS and {len(flagged - ours)} other message(s) are "
-            f"flagged \\Deleted; {count} message(s) left in place"
-        )
+        else:
+            try:
+                await self._deleted_flags(ours)
+            except TempFailure:
+                if mine:
+                    await self._ok(
+                        "UID STORE", imap.sequence_set(mine), imap.Atom("-FLAGS.SILENT"), [_DELETED]
+                    )
+                raise
+            await self._ok("EXPUNGE")  # the window between the check and this is why it is opt-in
+        if target is not None:
+            for uid in ours:
+                self._copied.pop(self._copy_key(uid, target), None)
 
-    async def _ok(self, name: str, *args: imap.Arg) -> tuple[imap.Tagged, list[imap.Event]]:
-        tagged, untagged = await self.conn.command(name, *args)
+    def _copy_key(self, uid: int, target: str) -> tuple[str, int, int, str]:
+        return (self._fix_key, self.conn.uidvalidity, uid, target)
+
+    async def _copy(self, ours: set[int], target: str) -> None:
+        """UID COPY what an earlier, failed attempt has not copied yet: a retry leaves no second copy."""
+        todo = {uid for uid in ours if self._copy_key(uid, target) not in self._copied}
+        if not todo:
+            return
+        await self._ok("UID COPY", imap.sequence_set(todo), target)
+        for uid in sorted(todo):
+            self._copied[self._copy_key(uid, target)] = None
+        while len(self._copied) > MAX_COPIED_MEMORY:
+            self._copied.popitem(last=False)
+
+    async def _deleted_flags(self, ours: set[int]) -> set[int]:
+        """Which of ``ours`` carry \\Deleted already (``UID SEARCH DELETED``, no UIDPLUS). TempFailure,
+        changing nothing, if any other message does: a plain EXPUNGE would remove it too."""
+        found: set[int] = set()
+        others = 0
+
+        def collect(event: imap.Event) -> None:
+            nonlocal others
+            if isinstance(event, imap.Search):
+                found.update(n for n in event.numbers if n in ours)
+                others += sum(1 for n in event.numbers if n not in ours)
+
+        await self._ok("NOOP")  # a server may search its last synced view (Dovecot does): sync first
+        await self._ok("UID SEARCH", imap.Atom("DELETED"), on_untagged=collect)
+        if others:
+            raise TempFailure(
+                f"not expunged: the upstream lacks UIDPLUS and {others} other message(s) are flagged "
+                f"\\Deleted; {len(ours)} message(s) left in place"
+            )
+        return found
+
+    async def _ok(self, name: str, *args: imap.Arg, on_untagged: OnUntagged | None = None) -> imap.Tagged:
+        tagged = await self.conn.command(name, *args, on_untagged=on_untagged)
         if tagged.condition is not imap.Condition.OK:
             raise TempFailure(f"{name} failed upstream: {tagged.condition.value} {tagged.text}")
-        return tagged, untagged
+        return tagged
+
+
+_DELETED = imap.Atom("\\Deleted")
 
 
 def _emailid(value: imap.Value) -> str | None:
@@ -548,9 +732,19 @@ def _emailid(value: imap.Value) -> str | None:
     return None
 
 
-def dovecot_uidl(uid: int, uidvalidity: int) -> str:
-    """Dovecot's default POP3 UIDL (pop3_uidl_format = %08Xu%08Xv, which Dovecot prints in lowercase)."""
-    return f"{uid:08x}{uidvalidity:08x}"
+def _emailid_keys(emailids: dict[int, str], uidvalidity: int) -> dict[int, str]:
+    """The store key of each message that has an EMAILID: ``e:<emailid>``, unique within the snapshot.
+
+    Cyrus gives byte-identical messages one EMAILID, so the copy with the lowest UID keys by it and every
+    later copy by ``e:<emailid>:<uidvalidity>:<uid>``. A new copy never takes the key (and so the UIDL)
+    of one that was there before, and the first copy keeps its key when a second one arrives."""
+    keys: dict[int, str] = {}
+    seen: set[str] = set()
+    for uid in sorted(emailids):
+        emailid = emailids[uid]
+        keys[uid] = f"e:{emailid}:{uidvalidity}:{uid}" if emailid in seen else f"e:{emailid}"
+        seen.add(emailid)
+    return keys
 
 
 class ImapBackend:
@@ -563,6 +757,8 @@ class ImapBackend:
         self.settings = settings
         self._tls = client_tls_context(settings) if settings.tls != "none" else None
         self._size_fixes: dict[tuple[str, int, int], int] = {}
+        self._copied: collections.OrderedDict[tuple[str, int, int, str], None] = collections.OrderedDict()
+        self._warned_uidplus = False
         # per mailbox: (uidvalidity etc., the snapshot's (uid, size) rows, its entries); LRU, bounded
         self._entries_cache: collections.OrderedDict[
             str, tuple[tuple[int, int, tuple[tuple[int, str], ...]], list[tuple[int, int]], list[Entry]]
@@ -601,7 +797,7 @@ class ImapBackend:
                     raise TempFailure("the upstream allows no plaintext login on this connection")
                 tagged = await conn.authenticate_plain(user, password)
             else:
-                tagged, _ = await conn.command("LOGIN", user, password)
+                tagged = await conn.command("LOGIN", user, password)
         except imap.LocalProtocolError:
             raise AuthFailed("credentials that cannot be sent to IMAP (NUL)") from None
         if tagged.condition is not imap.Condition.OK:
@@ -613,18 +809,56 @@ class ImapBackend:
             await conn.command("CAPABILITY")
         if "ID" in conn.client.capabilities:
             await conn.command("ID", ["name", "pop3-gateway", "version", __version__])
+        self._warn_without_uidplus(conn.client.capabilities)
+
+    def _warn_without_uidplus(self, caps: frozenset[str]) -> None:
+        """Once per backend: deletions this upstream cannot do safely will be refused at QUIT."""
+        if self._warned_uidplus or "UIDPLUS" in caps or "IMAP4REV2" in caps:
+            return
+        policy = self.settings.delete_policy
+        if policy.startswith("flag:") or (policy.startswith("move:") and "MOVE" in caps):
+            return
+        self._warned_uidplus = True
+        if self.settings.expunge_without_uidplus:
+            log.warning(
+                "upstream %s:%d lacks UIDPLUS: delete_policy=%s uses a plain EXPUNGE "
+                "(upstream.expunge_without_uidplus), which also removes messages another client flags "
+                "\\Deleted at that moment",
+                self.settings.host,
+                self.settings.port,
+                policy,
+            )
+        else:
+            log.warning(
+                "upstream %s:%d lacks UIDPLUS: delete_policy=%s cannot delete without risking another "
+                "client's mail, so DELE+QUIT gets -ERR [SYS/TEMP]; use a flag:/move: policy (move: needs "
+                "MOVE) or set upstream.expunge_without_uidplus",
+                self.settings.host,
+                self.settings.port,
+                policy,
+            )
 
     async def _snapshot(self, conn: ImapConnection, identity: str) -> ImapMaildrop:
-        tagged, untagged = await conn.command("SELECT", self.settings.folder)
-        if tagged.condition is not imap.Condition.OK:
-            raise PermFailure(f"cannot select {self.settings.folder!r}: {tagged.text}")
         uidvalidity = 0
         exists = 0
-        for event in untagged:
+
+        def collect(event: imap.Event) -> None:
+            nonlocal uidvalidity, exists
             if isinstance(event, imap.UntaggedStatus) and event.code and event.code.name == "UIDVALIDITY":
                 uidvalidity = event.code.int_value()
             elif isinstance(event, imap.Exists):
                 exists = event.count
+
+        tagged = await conn.command("SELECT", self.settings.folder, on_untagged=collect)
+        if tagged.condition is not imap.Condition.OK:
+            raise PermFailure(f"cannot select {self.settings.folder!r}: {tagged.text}")
+        if not 1 <= uidvalidity <= imap.MAX_UID:
+            raise TempFailure(f"malformed upstream: UIDVALIDITY {uidvalidity} is not 1 .. 2**32-1")
+        max_rows = self.settings.max_snapshot_rows
+        if exists > max_rows:
+            raise TempFailure(
+                f"{exists} messages in {self.settings.folder!r}, over upstream.max_snapshot_rows={max_rows}"
+            )
         conn.uidvalidity, conn.exists = uidvalidity, exists
         hide = (
             self.settings.delete_policy[5:].lower()
@@ -636,22 +870,10 @@ class ImapBackend:
         objectid = "OBJECTID" in conn.client.capabilities
         if exists:
             items = "(UID RFC822.SIZE" + (" FLAGS" if hide else "") + (" EMAILID" if objectid else "") + ")"
-            tagged, plain, untagged = await conn.fetch_snapshot(items)
-            if tagged.condition is not imap.Condition.OK:
-                raise TempFailure(f"snapshot fetch failed: {tagged.text}")
-            rows.extend(plain)  # only ever lines with exactly UID and RFC822.SIZE: no flags, no EMAILID
-            for event in untagged:
-                if not isinstance(event, imap.Fetch):
-                    continue
-                uid, size = event.uid, event.rfc822_size
-                if uid is None or size is None:
-                    continue
-                if hide and any(f.lower() == hide for f in event.flags or ()):
-                    continue
-                rows.append((uid, size))
-                emailid = _emailid(event.items.get("EMAILID"))
-                if emailid:
-                    emailids[uid] = emailid
+            snap = await conn.fetch_snapshot(items, hide=hide, max_rows=max_rows)
+            if snap.tagged.condition is not imap.Condition.OK:
+                raise TempFailure(f"snapshot fetch failed: {snap.tagged.text}")
+            rows, emailids = snap.rows, snap.emailids
         rows = sorted(dict(rows).items())
         fix_key = self.lock_key(identity)
         fixes = self._size_fixes
@@ -662,16 +884,17 @@ class ImapBackend:
         cached = self._entries_cache.get(fix_key)
         if cached is not None and cached[0] == fingerprint and cached[1] == rows:
             self._entries_cache.move_to_end(fix_key)
-            return ImapMaildrop(conn, self.settings, cached[2], uids, fixes, fix_key, identity)
+            return ImapMaildrop(conn, self.settings, cached[2], uids, fixes, fix_key, identity, self._copied)
         # This runs for every message at every login: the constant parts are formatted once.
         suffix = f"{uidvalidity:08x}"
         key_prefix = f"u:{uidvalidity}:"
+        keys = _emailid_keys(emailids, uidvalidity)
         entries = [
             Entry(
                 str(uid),
                 fixes.get((fix_key, uidvalidity, uid), size) if fixes else size,
-                f"{uid:08x}{suffix}",  # dovecot_uidl(uid, uidvalidity)
-                f"e:{emailids[uid]}" if uid in emailids else key_prefix + str(uid),
+                f"{uid:08x}{suffix}",  # Dovecot's default POP3 UIDL: %08Xu%08Xv, printed in lowercase
+                keys.get(uid) or key_prefix + str(uid),
                 uid,
                 uidvalidity,
             )
@@ -682,7 +905,7 @@ class ImapBackend:
         while cached_messages > ENTRIES_CACHE_MESSAGES and len(self._entries_cache) > 1:
             _, (_, _, dropped) = self._entries_cache.popitem(last=False)
             cached_messages -= len(dropped)
-        return ImapMaildrop(conn, self.settings, entries, uids, fixes, fix_key, identity)
+        return ImapMaildrop(conn, self.settings, entries, uids, fixes, fix_key, identity, self._copied)
 
     async def aclose(self) -> None:
         pass

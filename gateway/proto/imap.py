@@ -61,7 +61,7 @@ import enum
 import re
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, TypeAlias, assert_never
 
 from gateway.proto.common import NEED_DATA as NEED_DATA
@@ -73,6 +73,7 @@ DEFAULT_MAX_LINE_LENGTH: Final = 64 * 1024
 DEFAULT_MAX_LITERAL_SIZE: Final = 1024 * 1024
 DEFAULT_MAX_DEPTH: Final = 64
 DEFAULT_MAX_ITEMS: Final = 20_000
+MAX_UID: Final = 0xFFFFFFFF  # UIDs and UIDVALIDITY are nz-number: 1 .. 2**32-1 (RFC 9051 section 9)
 LITERAL_MINUS_MAX: Final = 4096  # RFC 7888: LITERAL- allows {n+} only up to this size
 
 
@@ -183,64 +184,9 @@ class Exists:
 
 
 @dataclass(frozen=True, slots=True)
-class Recent:
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class Expunge:
-    seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class Flags:
-    flags: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class List:
-    """``* LIST`` (or ``* LSUB``: ``verb`` tells)."""
-
-    verb: str
-    attributes: tuple[str, ...]
-    delimiter: bytes | None
-    mailbox: bytes  # as on the wire (modified UTF-7, or UTF-8 after ENABLE UTF8=ACCEPT)
-    extra: tuple[Value, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Status:
-    mailbox: bytes
-    attributes: dict[str, Value]  # upper-case names, e.g. {"MESSAGES": 3, "UIDNEXT": 6}
-
-
-@dataclass(frozen=True, slots=True)
 class Search:
     numbers: tuple[int, ...]
     modseq: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Esearch:
-    tag: str | None
-    uid: bool
-    results: dict[str, Value]  # "MIN": 2, "COUNT": 3, "ALL": Atom("2,10:11") (see parse_sequence_set)
-
-
-@dataclass(frozen=True, slots=True)
-class Id:
-    params: dict[str, bytes | None] | None  # lower-case field names; None for "* ID NIL"
-
-
-@dataclass(frozen=True, slots=True)
-class Enabled:
-    capabilities: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Vanished:
-    earlier: bool
-    uids: tuple[tuple[int, int], ...]  # inclusive ranges
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +215,9 @@ class FetchBodyStart:
     seq: int
     item: str  # upper-case, e.g. "BODY[]", "BODY[HEADER]", "RFC822", "BINARY[1]<0>"
     size: int
+    # The UID when the response named it before the body (as servers do when asked for "(UID BODY[])"),
+    # so that a consumer can drop another message's body at once. None when it comes after.
+    uid: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,16 +250,7 @@ Event: TypeAlias = (
     | Continuation
     | Capability
     | Exists
-    | Recent
-    | Expunge
-    | Flags
-    | List
-    | Status
     | Search
-    | Esearch
-    | Id
-    | Enabled
-    | Vanished
     | Fetch
     | FetchBodyStart
     | FetchBodyChunk
@@ -420,6 +360,14 @@ class _Builder:
             return self._fetch_seq, name
         return None
 
+    def uid_so_far(self) -> int | None:
+        """The UID item of the FETCH response being read, if it came before the body ``body_item`` found."""
+        attrs = self._stack[1]
+        for key, value in zip(attrs[0:-1:2], attrs[1::2], strict=False):
+            if isinstance(key, Atom) and key.value.upper() == "UID" and isinstance(value, int):
+                return value
+        return None
+
     def append(self, value: Value) -> None:
         self._count()
         self._stack[-1].append(value)
@@ -432,7 +380,7 @@ class _Builder:
         if body is None:
             self.append(value)
             return
-        self._sink.append(FetchBodyStart(body[0], body[1], len(value)))
+        self._sink.append(FetchBodyStart(body[0], body[1], len(value), self.uid_so_far()))
         if value:
             self._sink.append(FetchBodyChunk(value))
         self._sink.append(FetchBodyEnd())
@@ -475,21 +423,6 @@ def _atoms(values: Iterable[Value], name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _astring(value: Value, name: str) -> bytes:
-    """A mailbox name: an atom (also one that looked like a number or NIL), a quoted string or literal."""
-    match value:
-        case bytes():
-            return value
-        case Atom():
-            return value.value.encode("ascii")
-        case None:
-            return b"NIL"
-        case int():
-            return str(value).encode("ascii")
-        case _:
-            raise _malformed(name)
-
-
 def _pairs(values: tuple[Value, ...], name: str) -> dict[str, Value]:
     if len(values) % 2:
         raise _malformed(name)
@@ -508,26 +441,14 @@ def _fetch(seq: int, values: tuple[Value, ...]) -> Fetch:
     for key in ("UID", "RFC822.SIZE"):
         if key in items and not isinstance(items[key], int):
             raise _malformed("FETCH")
+    uid = items.get("UID")
+    if isinstance(uid, int) and not 1 <= uid <= MAX_UID:
+        raise ImapProtocolError("a UID outside 1 .. 2**32-1")
     flags = items.get("FLAGS", ())
     if not isinstance(flags, tuple):
         raise _malformed("FETCH")
     _atoms(flags, "FETCH")
     return Fetch(seq, items)
-
-
-def _list(verb: str, values: tuple[Value, ...]) -> List:
-    if len(values) < 3 or not isinstance(values[0], tuple):
-        raise _malformed(verb)
-    delimiter = values[1]
-    if not isinstance(delimiter, bytes | None):
-        raise _malformed(verb)
-    return List(verb, _atoms(values[0], verb), delimiter, _astring(values[2], verb), values[3:])
-
-
-def _status(values: tuple[Value, ...]) -> Status:
-    if len(values) != 2 or not isinstance(values[1], tuple):
-        raise _malformed("STATUS")
-    return Status(_astring(values[0], "STATUS"), _pairs(values[1], "STATUS"))
 
 
 def _search(values: tuple[Value, ...]) -> Search:
@@ -545,83 +466,18 @@ def _search(values: tuple[Value, ...]) -> Search:
     return Search(numbers, modseq)
 
 
-def _esearch(values: tuple[Value, ...]) -> Esearch:
-    tag = None
-    if values and isinstance(values[0], tuple):
-        match values[0]:
-            case (Atom(value=key), bytes(raw)) if key.upper() == "TAG":
-                tag = raw.decode("ascii", "replace")
-            case _:
-                raise _malformed("ESEARCH")
-        values = values[1:]
-    uid = bool(values) and isinstance(values[0], Atom) and values[0].value.upper() == "UID"
-    return Esearch(tag, uid, _pairs(values[1:] if uid else values, "ESEARCH"))
-
-
-def _id(values: tuple[Value, ...]) -> Id:
-    match values:
-        case (None,):
-            return Id(None)
-        case (tuple(fields),) if len(fields) % 2 == 0:
-            params: dict[str, bytes | None] = {}
-            for key, value in zip(fields[::2], fields[1::2], strict=True):
-                if not isinstance(key, bytes) or not isinstance(value, bytes | None):
-                    raise _malformed("ID")
-                params[key.decode("utf-8", "replace").lower()] = value
-            return Id(params)
-        case _:
-            raise _malformed("ID")
-
-
-def _vanished(values: tuple[Value, ...]) -> Vanished:
-    match values:
-        case ((Atom(value=word),), int() | Atom() as uids) if word.upper() == "EARLIER":
-            return Vanished(True, _server_set(uids))
-        case (int() | Atom() as uids,):
-            return Vanished(False, _server_set(uids))
-        case _:
-            raise _malformed("VANISHED")
-
-
-def _server_set(value: int | Atom) -> tuple[tuple[int, int], ...]:
-    try:
-        return parse_sequence_set(str(value))
-    except ValueError:
-        raise _malformed("VANISHED") from None
-
-
 def _untagged(name: str, number: int | None, values: tuple[Value, ...]) -> Event:
     match number, name:
-        case int(), "EXISTS" | "RECENT" | "EXPUNGE" if values:
+        case int(), "EXISTS" if values:
             raise _malformed(name)
         case int(), "EXISTS":
             return Exists(number)
-        case int(), "RECENT":
-            return Recent(number)
-        case int(), "EXPUNGE":
-            return Expunge(number)
         case int(), "FETCH":
             return _fetch(number, values)
         case None, "CAPABILITY":
             return Capability(frozenset(a.upper() for a in _atoms(values, name)))
-        case None, "ENABLED":
-            return Enabled(frozenset(a.upper() for a in _atoms(values, name)))
-        case None, "FLAGS":
-            if len(values) != 1 or not isinstance(values[0], tuple):
-                raise _malformed(name)
-            return Flags(_atoms(values[0], name))
-        case None, "LIST" | "LSUB":
-            return _list(name, values)
-        case None, "STATUS":
-            return _status(values)
         case None, "SEARCH":
             return _search(values)
-        case None, "ESEARCH":
-            return _esearch(values)
-        case None, "ID":
-            return _id(values)
-        case None, "VANISHED":
-            return _vanished(values)
         case _:
             return Untagged(name, number, values)
 
@@ -729,7 +585,11 @@ class ResponseParser:
         end = run.end()
         self._pos = end
         self._scan = max(self._scan, end)
-        return [(int(u), int(z)) for u, z in _SIZE_FETCH_RE.findall(buf, start, end)]
+        rows = [(int(u), int(z)) for u, z in _SIZE_FETCH_RE.findall(buf, start, end)]
+        if any(u > MAX_UID for u, _ in rows):  # the general parser refuses it the same way
+            self._read = _Read.ERROR
+            raise ImapProtocolError("a UID outside 1 .. 2**32-1")
+        return rows
 
     def _step(self) -> Event | NeedData | None:
         """Make progress; None means events may have been queued, call again."""
@@ -843,7 +703,7 @@ class ResponseParser:
         self._remaining = size
         body = partial.builder.body_item()
         if body is not None:
-            self._events.append(FetchBodyStart(body[0], body[1], size))
+            self._events.append(FetchBodyStart(body[0], body[1], size, partial.builder.uid_so_far()))
             self._body_size = size
             self._read = _Read.BODY
             return
@@ -981,7 +841,6 @@ class Client:
         )
         self.state = State.AWAITING_GREETING
         self.capabilities: frozenset[str] = frozenset()  # upper-case, replaced by each announcement
-        self.enabled: frozenset[str] = frozenset()
         self._next_tag = 1
         self._in_flight: dict[str, str] = {}  # tag -> first word of the command
         self._pending: deque[bytes] = deque()  # the parts after synchronising literals
@@ -1092,21 +951,11 @@ class Client:
                 self._untagged_status(event.condition)
             case Capability():
                 self.capabilities = event.capabilities
-            case Enabled():
-                self.enabled |= event.capabilities
             case Continuation():
                 self._continuation_ready = bool(self._pending)
             case (
                 Exists()
-                | Recent()
-                | Expunge()
-                | Flags()
-                | List()
-                | Status()
                 | Search()
-                | Esearch()
-                | Id()
-                | Vanished()
                 | Fetch()
                 | FetchBodyStart()
                 | FetchBodyChunk()

@@ -76,6 +76,11 @@ class Cyrus:
         return f"jmap+http://{self.host}:{self.http_port}/"
 
     @property
+    def imap_url(self) -> str:
+        """The gateway's upstream URL for this server's IMAP (plain, loopback; Cyrus has OBJECTID)."""
+        return f"imap://{self.host}:{self.imap_port}"
+
+    @property
     def http_base(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
