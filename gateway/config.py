@@ -22,7 +22,39 @@ from gateway.identity import realm_problem
 
 DEFAULT_STATE_DIR = Path("state")
 _T = typing.TypeVar("_T")
-UIDL_FORMATS = ("native", "dovecot", "uidvalidity-uid", "gmail", "hash")
+UidlFormat = Literal["native", "dovecot", "uidvalidity-uid", "gmail", "hash"]
+UIDL_FORMATS: tuple[str, ...] = typing.get_args(UidlFormat)
+TlsMode = Literal["none", "starttls", "implicit"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeletePolicy:
+    """What DELE + QUIT does upstream, parsed once from ``"expunge"``, ``"move:<folder>"`` or
+    ``"flag:<keyword>"`` (the config loader and every backend take this, never the text)."""
+
+    kind: Literal["expunge", "move", "flag"] = "expunge"
+    target: str = ""  # the folder for move, the keyword for flag
+
+    @classmethod
+    def parse(cls, text: str) -> DeletePolicy:
+        if text == "expunge":
+            return cls()
+        kind, sep, target = text.partition(":")
+        if sep and target and kind in ("move", "flag"):
+            return cls(kind, target)  # type: ignore[arg-type]
+        raise ValueError('must be "expunge", "move:<folder>" or "flag:<keyword>"')
+
+    @classmethod
+    def of(cls, value: DeletePolicy | str) -> DeletePolicy:
+        return value if isinstance(value, DeletePolicy) else cls.parse(value)
+
+    def __str__(self) -> str:
+        return "expunge" if self.kind == "expunge" else f"{self.kind}:{self.target}"
+
+
+EXPUNGE = DeletePolicy()  # the default policy
+
+
 UPSTREAM_SCHEMES = ("maildir", "imap", "imap+starttls", "imaps", "jmap+http", "jmap+https")
 
 
@@ -41,7 +73,7 @@ class ConfigError(Exception):
 @dataclasses.dataclass(frozen=True, slots=True)
 class ListenConfig:
     address: str = "127.0.0.1:1110"
-    tls: Literal["none", "starttls", "implicit"] = "none"
+    tls: TlsMode = "none"
     cert_file: str = ""
     key_file: str = ""
     proxy_protocol: bool = False  # expect a PROXY v1/v2 header, from server.trusted_proxies only
@@ -88,14 +120,17 @@ class UpstreamConfig:
     folder: str = "INBOX"
     ca_file: str = ""
     insecure: bool = False
-    delete_policy: str = "expunge"
+    delete_policy: DeletePolicy = EXPUNGE  # TOML: "expunge", "move:<folder>" or "flag:<keyword>"
     mark_seen: bool = False
-    uidl_format: str = "native"  # native, dovecot, uidvalidity-uid, gmail, hash (for new messages)
+    uidl_format: UidlFormat = "native"  # for new messages
     max_snapshot_rows: int = 500_000  # imap: messages one login may list; more is [SYS/TEMP]
     expunge_without_uidplus: bool = False  # imap: allow the racy plain EXPUNGE when UIDPLUS is missing
     token: str = dataclasses.field(default="", repr=False)  # jmap: a bearer token instead of Basic
     allowed_origins: tuple[str, ...] = ()  # jmap: origins besides the URL's that may get credentials
     token_accounts: tuple[str, ...] = ()  # jmap with a token: "POP3USER=ACCOUNTID" lines
+
+    def __post_init__(self) -> None:  # a policy given as text (tests, callers) is parsed here, once
+        object.__setattr__(self, "delete_policy", DeletePolicy.of(self.delete_policy))
 
 
 ADMIN_TOKEN_ENV = "POP3_GATEWAY_ADMIN_TOKEN"  # noqa: S105 - the name of the variable, no secret
@@ -190,6 +225,13 @@ def _convert(tp: Any, value: Any, keypath: tuple[str | int, ...], text: str) -> 
         )
 
     origin = typing.get_origin(tp)
+    if tp is DeletePolicy:
+        if not isinstance(value, str):
+            raise bad("a string")
+        try:
+            return DeletePolicy.parse(value)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key=_dotted(keypath), line=_find_line(text, keypath)) from None
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad("a table")
@@ -344,17 +386,8 @@ def validate(config: Config, text: str = "") -> None:
         fail(("limits", "auth_delay_max"), "needs 0 <= auth_delay_base <= auth_delay_max")
     if lim.auth_failure_window <= 0 or lim.lockout_duration <= 0:
         fail(("limits", "auth_failure_window"), "windows and durations must be > 0")
-    if config.upstream.uidl_format not in UIDL_FORMATS:
-        fail(("upstream", "uidl_format"), "must be one of " + ", ".join(UIDL_FORMATS))
     if config.upstream.max_snapshot_rows < 1:
         fail(("upstream", "max_snapshot_rows"), "must be >= 1")
-    policy = config.upstream.delete_policy
-    if not (
-        policy == "expunge"
-        or (policy.startswith("move:") and len(policy) > 5)
-        or (policy.startswith("flag:") and len(policy) > 5)
-    ):
-        fail(("upstream", "delete_policy"), 'must be "expunge", "move:<folder>" or "flag:<keyword>"')
 
 
 def _validate_admin(

@@ -47,6 +47,7 @@ from gateway.backends.base import (
     PermFailure,
     TempFailure,
 )
+from gateway.config import UidlFormat
 from gateway.identity import throttle_key
 from gateway.limits import AuthThrottle, Limit, SessionLimits, ThrottlePolicy, client_key
 from gateway.metrics import BACKENDS, ErrorKind, LoginResult, Metrics, UpstreamOp
@@ -109,7 +110,7 @@ class GateSettings:
     login_delay: int = 0
     in_use_lock: bool = True
     upstream_timeout: float = 30.0
-    uidl_format: str = "native"
+    uidl_format: UidlFormat = "native"
 
 
 class _Pending:

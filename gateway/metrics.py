@@ -46,7 +46,7 @@ NAMESPACE: Final = "pop3_gateway"
 
 LoginResult = Literal["ok", "auth", "in-use", "login-delay", "sys-temp", "sys-perm", "locked-out"]
 BackendKind = Literal["maildir", "imap", "jmap"]
-UpstreamOp = Literal["open", "fetch", "delete", "close"]
+UpstreamOp = Literal["open", "fetch", "delete"]
 UidlStoreOp = Literal["read", "write", "import", "prune"]
 ErrorKind = Literal[
     "internal",  # an exception reached the session boundary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import trustme
 
 from gateway import cli
 from gateway import config as cfg
+from gateway.config import DeletePolicy, loads
 
 GOOD = """\
 [server]
@@ -222,3 +224,30 @@ def test_check_config_prints_warnings_and_passes(tmp_path: Path, capsys: pytest.
     assert code == 0
     assert f"{f}: warning: server.trusted_proxies[0]: 10.1.0.0/16 is 65536 addresses" in out
     assert out.rstrip().endswith("OK (1 listener(s), upstream embedded demo)")
+
+
+# ---------------------------------------------------------------- parsed once
+
+
+@pytest.mark.parametrize("text", ["expunge", "move:Trash", "move:INBOX/Old mail", "flag:$POP3Deleted"])
+def test_a_delete_policy_parses_once_and_prints_back_as_written(text: str) -> None:
+    policy = DeletePolicy.parse(text)
+    assert str(policy) == text
+    assert loads(f'[upstream]\ndelete_policy = "{text}"\n').upstream.delete_policy == policy
+
+
+@pytest.mark.parametrize("text", ["shred", "move:", "flag:", "Move:Trash", "expunge:now", ""])
+def test_a_bad_delete_policy_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match='must be "expunge"'):
+        DeletePolicy.parse(text)
+
+
+def test_nothing_but_the_config_parses_a_delete_policy() -> None:
+    """Five places parsed the policy text before; now the backends read DeletePolicy.kind/target."""
+    root = Path(__file__).resolve().parent.parent / "gateway"
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if path.name != "config.py" and re.search(r"""["'](move|flag):["']""", path.read_text())
+    ]
+    assert offenders == []

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import pytest
 
-from gateway.config import Config
+from gateway.config import Config, DeletePolicy
 from gateway.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,8 @@ def type_word(tp: Any) -> str:
         return "one of " + ", ".join(f'`"{c}"`' for c in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return "array of " + type_word(typing.get_args(tp)[0]) + "s"
-    return {str: "string", int: "integer", float: "number", bool: "boolean"}[tp]
+    # DeletePolicy is written as a string in TOML and parsed once by the loader
+    return {str: "string", int: "integer", float: "number", bool: "boolean", DeletePolicy: "string"}[tp]
 
 
 def check_configuration_doc(text: str) -> list[str]:
@@ -81,6 +82,8 @@ def check_configuration_doc(text: str) -> list[str]:
             continue
         if isinstance(default, tuple):
             default = list(default)
+        if isinstance(default, DeletePolicy):  # parsed from its TOML text, which the docs show
+            default = str(default)
         if documented != default or isinstance(documented, bool) != isinstance(default, bool):
             problems.append(f"{key}: default {documented!r}, the loader says {default!r}")
         if not cells[3]:

@@ -60,6 +60,7 @@ from gateway.backends.base import (
     tcp_probe,
 )
 from gateway.backends.readahead import ReadAhead, chunks
+from gateway.config import EXPUNGE, DeletePolicy, TlsMode
 from gateway.identity import DEFAULT_POLICY, IdentityPolicy, normalize
 from gateway.proto import imap
 from gateway.proto import uidl as rules
@@ -93,11 +94,11 @@ MAX_COPIED_MEMORY = 100_000  # (mailbox, UIDVALIDITY, UID, target) copies rememb
 class ImapSettings:
     host: str
     port: int
-    tls: str  # "none", "starttls", "implicit"
+    tls: TlsMode
     folder: str = "INBOX"
     ca_file: str = ""
     insecure: bool = False
-    delete_policy: str = "expunge"
+    delete_policy: DeletePolicy = EXPUNGE  # a "move:Trash"-style text is parsed here, once
     mark_seen: bool = False
     connect_timeout: float = 15.0
     identity: IdentityPolicy = DEFAULT_POLICY  # IMAP reports no canonical user name: normalise ours
@@ -106,6 +107,9 @@ class ImapSettings:
     # and the EXPUNGE. Off: deletions that need it are refused with [SYS/TEMP]. On: for mailboxes that
     # only the gateway changes.
     expunge_without_uidplus: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "delete_policy", DeletePolicy.of(self.delete_policy))
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> ImapSettings:
@@ -635,12 +639,12 @@ class ImapMaildrop:
         ours = {self._uids[i] for i in indexes}
         uids = imap.sequence_set(ours)
         policy = self.settings.delete_policy
-        if policy.startswith("flag:"):
-            keyword = imap.Atom(policy[5:])
+        if policy.kind == "flag":
+            keyword = imap.Atom(policy.target)
             await self._ok("UID STORE", uids, imap.Atom("+FLAGS.SILENT"), [keyword])
             return
         caps = self.conn.client.capabilities
-        target = policy[5:] if policy.startswith("move:") else None
+        target = policy.target if policy.kind == "move" else None
         if target is not None and "MOVE" in caps:
             await self._ok("UID MOVE", uids, target)  # RFC 6851: expunges exactly the moved messages
             return
@@ -816,7 +820,7 @@ class ImapBackend:
         if self._warned_uidplus or "UIDPLUS" in caps or "IMAP4REV2" in caps:
             return
         policy = self.settings.delete_policy
-        if policy.startswith("flag:") or (policy.startswith("move:") and "MOVE" in caps):
+        if policy.kind == "flag" or (policy.kind == "move" and "MOVE" in caps):
             return
         self._warned_uidplus = True
         if self.settings.expunge_without_uidplus:
@@ -860,11 +864,8 @@ class ImapBackend:
                 f"{exists} messages in {self.settings.folder!r}, over upstream.max_snapshot_rows={max_rows}"
             )
         conn.uidvalidity, conn.exists = uidvalidity, exists
-        hide = (
-            self.settings.delete_policy[5:].lower()
-            if self.settings.delete_policy.startswith("flag:")
-            else None
-        )
+        policy = self.settings.delete_policy
+        hide = policy.target.lower() if policy.kind == "flag" else None
         rows: list[tuple[int, int]] = []
         emailids: dict[int, str] = {}
         objectid = "OBJECTID" in conn.client.capabilities

@@ -70,6 +70,7 @@ from gateway.backends.base import (
     tcp_probe,
 )
 from gateway.backends.readahead import ReadAhead, chunks
+from gateway.config import EXPUNGE, DeletePolicy
 from gateway.proto import jmap
 
 log = logging.getLogger("gateway.jmap")
@@ -101,7 +102,7 @@ class JmapSettings:
     folder: str = "INBOX"
     ca_file: str = ""
     insecure: bool = False
-    delete_policy: str = "expunge"
+    delete_policy: DeletePolicy = EXPUNGE  # a "move:Archive"-style text is parsed here, once
     mark_seen: bool = False
     token: str = dataclasses.field(default="", repr=False)
     users_file: str = ""  # with a token: the POP3 passwords (gateway.accounts format)
@@ -113,7 +114,8 @@ class JmapSettings:
     account_map: dict[str, str] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        """ValueError for an allowed origin or a mapping line that cannot be used."""
+        """ValueError for an allowed origin, a mapping line or a delete policy that cannot be used."""
+        object.__setattr__(self, "delete_policy", DeletePolicy.of(self.delete_policy))
         object.__setattr__(self, "scope", jmap.CredentialScope.build(self.session_url, self.allowed_origins))
         object.__setattr__(self, "account_map", jmap.parse_account_map(self.token_accounts))
 
@@ -140,7 +142,8 @@ class JmapSettings:
 
     @property
     def hide_keyword(self) -> str | None:
-        return self.delete_policy[5:].lower() if self.delete_policy.startswith("flag:") else None
+        policy = self.delete_policy
+        return policy.target.lower() if policy.kind == "flag" else None
 
 
 class _Credentials:
@@ -458,25 +461,23 @@ class JmapMaildrop:
         account = self._view.account.id
         policy = self._backend.settings.delete_policy
         build: Callable[[jmap.Request, Sequence[str]], str]
-        if policy == "expunge":
+        if policy.kind == "expunge":
 
             def build(req: jmap.Request, chunk: Sequence[str]) -> str:
                 return jmap.email_destroy(req, account, chunk)
 
-        elif policy.startswith("move:"):
-            target = await self._target_mailbox(policy[5:])
+        elif policy.kind == "move":
+            target = await self._target_mailbox(policy.target)
 
             def build(req: jmap.Request, chunk: Sequence[str]) -> str:
                 return jmap.email_move(req, account, chunk, self._mailbox_id, target)
 
-        elif policy.startswith("flag:"):
-            keyword = policy[5:]
+        else:
+            keyword = policy.target
 
             def build(req: jmap.Request, chunk: Sequence[str]) -> str:
                 return jmap.email_add_keyword(req, account, chunk, keyword)
 
-        else:
-            raise PermFailure(f"unknown delete policy {policy!r}")
         await self._set(ids, build)
 
     async def _set(self, ids: Sequence[str], build: Callable[[jmap.Request, Sequence[str]], str]) -> None:
