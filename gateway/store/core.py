@@ -127,10 +127,9 @@ class UidlStore:
         self.engine = engine
         self.retention = retention
         self.max_fingerprints = max_fingerprints
-        # mailbox -> (data_version, snapshot keys, the assignment for exactly that snapshot)
+        # mailbox -> (its version, snapshot keys, the assignment for exactly that snapshot)
         self._cache: dict[str, tuple[int, tuple[str, ...], Assignment]] = {}
-        self._gen: dict[str, int] = {}  # bumped by every write of ours to the mailbox
-        self._pending: dict[str, tuple[int, int]] = {}  # a miss: (data_version, gen) before the read
+        self._pending: dict[str, int] = {}  # a miss: the mailbox's version read before its rows
         self._lock = threading.Lock()
 
     # -- the engine's own
@@ -157,7 +156,6 @@ class UidlStore:
     def _wrote(self, name: str) -> None:
         with self._lock:
             self._cache.pop(name, None)
-            self._gen[name] = self._gen.get(name, 0) + 1
 
     def adopt(self, name: str, legacy: Sequence[str]) -> str | None:
         """Carry the first existing mailbox of ``legacy`` over to ``name`` (renamed, rows and all) unless
@@ -175,13 +173,13 @@ class UidlStore:
 
     def cached(self, name: str, keys: tuple[str, ...]) -> Assignment | None:
         """The assignment of this mailbox's last session if its snapshot had exactly ``keys`` and nobody
-        else wrote the store since: the answer cannot differ, and the rows need not be read again."""
-        version = self.engine.data_version()
+        else wrote to that mailbox since: the answer cannot differ, and the rows need not be read again."""
+        version = self.engine.version(name)
         with self._lock:
             hit = self._cache.get(name)
             if hit is not None and hit[1] == keys and hit[0] == version:
                 return hit[2]
-            self._pending[name] = (version, self._gen.get(name, 0))
+            self._pending[name] = version
         return None
 
     def _remember(self, name: str, keys: tuple[str, ...], result: Assignment, version: int) -> None:
@@ -237,8 +235,8 @@ class UidlStore:
         keys = tuple(i.key for i in items)
         with self._lock:
             pending = self._pending.pop(name, None)
-            if pending is not None and pending[1] == self._gen.get(name, 0):
-                self._remember(name, keys, result, pending[0])
+            if pending is not None:  # read before the rows: a write since makes it stale, never wrong
+                self._remember(name, keys, result, pending)
         return result
 
     def assign(
@@ -272,7 +270,7 @@ class UidlStore:
             return hit
         self._wrote(name)
         with self.engine.mailbox_tx(name, account) as tx:
-            version = self.engine.data_version()
+            version = tx.version
             result = self._assign_in(tx, items, fmt, prints, plan_first=plan_first)
         if isinstance(result, Assignment):
             with self._lock:

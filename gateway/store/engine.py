@@ -14,7 +14,7 @@ What an engine must keep true:
 - A ``MailboxTx`` is one transaction that excludes other writers of the same mailbox (sqlite:
   ``BEGIN IMMEDIATE``; PostgreSQL: ``SELECT ... FOR UPDATE`` of the mailbox row); it commits when the
   ``with`` block ends without an exception and rolls back otherwise.
-- ``read_rows`` may run concurrently with a write and with other reads (another thread).
+- ``read_rows`` and ``version`` may run concurrently with a write and with other reads (other threads).
 """
 
 from __future__ import annotations
@@ -63,6 +63,11 @@ class MailboxTx(Protocol):
     @property
     def last_hash(self) -> str | None: ...
 
+    @property
+    def version(self) -> int:
+        """The mailbox's version once this transaction commits (bumped when it began)."""
+        ...
+
     def rows(self) -> dict[str, Row]:
         """The live rows (present and gone), by key."""
         ...
@@ -105,8 +110,9 @@ class Engine(Protocol):
         """The live rows of ``name`` (None: no such mailbox), on a reader: may run beside a write."""
         ...
 
-    def data_version(self) -> int:
-        """Changes whenever another connection (another process) commits: the cache's validity."""
+    def version(self, name: str) -> int:
+        """The mailbox's version (-1: no such mailbox), on a reader. Every write that can change an
+        assignment bumps it, in whichever process: the login cache's validity."""
         ...
 
     def mark_deleted(self, name: str, keys: Sequence[str]) -> None: ...

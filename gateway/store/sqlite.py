@@ -21,6 +21,7 @@ import queue
 import sqlite3
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from gateway import files
 from gateway.store.engine import MailboxRows, Row, State
@@ -64,8 +65,10 @@ _MIGRATIONS: dict[int, str] = {
     UPDATE message SET gone_at = CAST(strftime('%s', 'now') AS REAL) WHERE state = 'gone';
     DELETE FROM message WHERE state = 'deleted';
     CREATE INDEX message_gone ON message (gone_at) WHERE state = 'gone';
+    ALTER TABLE mailbox ADD COLUMN version INTEGER NOT NULL DEFAULT 0;  -- bumped by every write
     """,
 }
+T = TypeVar("T")
 _ROW = "key, uidl, size, header_sha1, body_sha1, state, order_pos, sent_size, gone_at"
 
 
@@ -92,10 +95,15 @@ def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
 class _Tx:
     """``MailboxTx`` on the writer connection, inside ``BEGIN IMMEDIATE``."""
 
-    def __init__(self, db: sqlite3.Connection, mailbox_id: int, last_hash: str | None) -> None:
+    def __init__(self, db: sqlite3.Connection, mailbox_id: int, last_hash: str | None, version: int) -> None:
         self.db = db
         self.mailbox_id = mailbox_id
         self._last_hash = last_hash
+        self._version = version
+
+    @property
+    def version(self) -> int:
+        return self._version
 
     @property
     def last_hash(self) -> str | None:
@@ -221,8 +229,15 @@ class SqliteEngine:
             raise
         self.db.execute("COMMIT")
 
-    def data_version(self) -> int:
-        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+    def version(self, name: str) -> int:
+        def read(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT version FROM mailbox WHERE name = ?", (name,)).fetchone()
+            return -1 if row is None else int(row[0])
+
+        return self._with_reader(read)
+
+    def _bump(self, name: str) -> None:
+        self.db.execute("UPDATE mailbox SET version = version + 1 WHERE name = ?", (name,))
 
     # -- mailboxes
 
@@ -237,9 +252,13 @@ class SqliteEngine:
             if row is None:
                 cur = self.db.execute("INSERT INTO mailbox (name, account) VALUES (?, ?)", (name, account))
                 row = (int(cur.lastrowid or 0), None)
-            yield _Tx(self.db, int(row[0]), row[1])
+            mailbox_id = int(row[0])
+            (version,) = self.db.execute(
+                "UPDATE mailbox SET version = version + 1 WHERE id = ? RETURNING version", (mailbox_id,)
+            ).fetchone()
+            yield _Tx(self.db, mailbox_id, row[1], int(version))
 
-    def _with_reader(self, fn: Callable[[sqlite3.Connection], MailboxRows | None]) -> MailboxRows | None:
+    def _with_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
             db = self._readers.get_nowait()
         except queue.Empty:
@@ -286,6 +305,7 @@ class SqliteEngine:
             for old in legacy:
                 cur = self.db.execute("UPDATE mailbox SET name = ? WHERE name = ?", (name, old))
                 if cur.rowcount:
+                    self._bump(name)
                     return old
         return None
 
@@ -307,6 +327,7 @@ class SqliteEngine:
                 "WHERE mailbox_id = (SELECT id FROM mailbox WHERE name = ?) AND key = ? AND size = ?",
                 [(sent, name, key, listed) for key, listed, sent in sizes],
             )
+            self._bump(name)
 
     def mark_deleted(self, name: str, keys: Sequence[str]) -> None:
         """The rows go; their UIDLs stay in ``reserved`` (put there when they were given)."""
@@ -315,6 +336,7 @@ class SqliteEngine:
                 "DELETE FROM message WHERE mailbox_id = (SELECT id FROM mailbox WHERE name = ?) AND key = ?",
                 [(name, k) for k in keys],
             )
+            self._bump(name)
 
     def prune(self, gone_before: float) -> int:
         with self._transaction():
