@@ -20,6 +20,7 @@ Store failures are ``StoreError`` (a ``TempFailure``): no engine module is impor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
@@ -197,7 +198,7 @@ async def attach(
     entries = list(drop.entries)
     keys = tuple([e.key or e.upstream_id for e in entries])
     # The usual login: the same snapshot as last time, answered from the store's memory.
-    cached = await store.cached(name, keys)
+    cached = await store.cached(name, keys, tuple([e.size for e in entries]))
     if not cached and legacy:
         old = await store.adopt(name, legacy)
         if old is not None:
@@ -207,6 +208,11 @@ async def attach(
     if isinstance(first, Assignment):
         result, renumbered = first, False
     else:
+        if len(first.need_header) > cap:  # this login's cap is below the store's
+            over = len(first.need_header) - cap
+            first = dataclasses.replace(
+                first, need_header=first.need_header[:cap], skipped=first.skipped + over
+            )
         if first.skipped:
             log.warning(
                 "uidl store: mailbox=%s has %d more candidates for rematching than max_fingerprints=%d; "

@@ -108,8 +108,10 @@ class AsyncUidlStore:
     async def plan(self, name: str, items: Sequence[Item]) -> Plan:
         return await self._run(lambda: self._s().plan(name, items), op="plan", read=True)
 
-    async def cached(self, name: str, keys: tuple[str, ...]) -> Assignment | None:
-        return await self._run(lambda: self._s().cached(name, keys), op="plan", read=True)
+    async def cached(
+        self, name: str, keys: tuple[str, ...], sizes: tuple[int, ...] | None = None
+    ) -> Assignment | None:
+        return await self._run(lambda: self._s().cached(name, keys, sizes), op="plan", read=True)
 
     async def need_body(self, name: str, items: Sequence[Item], prints: Prints) -> list[str]:
         return await self._run(lambda: self._s().need_body(name, items, prints), op="plan", read=True)

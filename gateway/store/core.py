@@ -127,8 +127,8 @@ class UidlStore:
         self.engine = engine
         self.retention = retention
         self.max_fingerprints = max_fingerprints
-        # mailbox -> (its version, snapshot keys, the assignment for exactly that snapshot)
-        self._cache: dict[str, tuple[int, tuple[str, ...], Assignment]] = {}
+        # mailbox -> (its version, snapshot keys, listed sizes if corrected, the assignment for exactly that)
+        self._cache: dict[str, tuple[int, tuple[str, ...], tuple[int, ...], Assignment]] = {}
         self._pending: dict[str, int] = {}  # a miss: the mailbox's version read before its rows
         self._lock = threading.Lock()
 
@@ -171,22 +171,31 @@ class UidlStore:
 
     # -- the login cache
 
-    def cached(self, name: str, keys: tuple[str, ...]) -> Assignment | None:
-        """The assignment of this mailbox's last session if its snapshot had exactly ``keys`` and nobody
-        else wrote to that mailbox since: the answer cannot differ, and the rows need not be read again."""
+    def cached(
+        self, name: str, keys: tuple[str, ...], sizes: tuple[int, ...] | None = None
+    ) -> Assignment | None:
+        """The assignment of this mailbox's last session if its snapshot had exactly ``keys`` (and, when
+        sizes were corrected, ``sizes``) and nobody wrote to that mailbox since: the answer cannot differ,
+        and the rows need not be read again."""
         version = self.engine.version(name)
         with self._lock:
             hit = self._cache.get(name)
-            if hit is not None and hit[1] == keys and hit[0] == version:
-                return hit[2]
+            if (
+                hit is not None
+                and hit[1] == keys
+                and hit[0] == version
+                and (not hit[3].sizes or hit[2] == sizes)
+            ):
+                return hit[3]
             self._pending[name] = version
         return None
 
-    def _remember(self, name: str, keys: tuple[str, ...], result: Assignment, version: int) -> None:
+    def _remember(self, name: str, items: Sequence[Item], result: Assignment, version: int) -> None:
         unchanged = dataclasses.replace(
             result, new=0, gone=0, rematched=0, unmatched_vanished=0, previous_hash=result.list_hash
         )
-        self._cache[name] = (version, keys, unchanged)
+        listed = tuple(i.size for i in items) if result.sizes else ()
+        self._cache[name] = (version, tuple(i.key for i in items), listed, unchanged)
 
     # -- a session's snapshot
 
@@ -232,11 +241,10 @@ class UidlStore:
         result = Assignment(
             uidls, order, 0, len(vanished), 0, len(vanished), list_hash, mb.last_hash, _sizes(items, rows)
         )
-        keys = tuple(i.key for i in items)
         with self._lock:
             pending = self._pending.pop(name, None)
             if pending is not None:  # read before the rows: a write since makes it stale, never wrong
-                self._remember(name, keys, result, pending)
+                self._remember(name, items, result, pending)
         return result
 
     def assign(
@@ -251,7 +259,7 @@ class UidlStore:
         """``assign`` when no fingerprint is needed (the usual case), else the ``Plan`` of the headers to
         read first (and nothing written)."""
         keys = tuple(i.key for i in items)
-        if (hit := self.cached(name, keys)) is not None:
+        if (hit := self.cached(name, keys, tuple(i.size for i in items))) is not None:
             return hit
         first = self.read_assignment(name, items)
         if first is not None:
@@ -266,7 +274,7 @@ class UidlStore:
         self, name: str, account: str, items: Sequence[Item], fmt: str, prints: Prints, *, plan_first: bool
     ) -> Assignment | Plan:
         keys = tuple(i.key for i in items)
-        if not prints and (hit := self.cached(name, keys)) is not None:
+        if not prints and (hit := self.cached(name, keys, tuple(i.size for i in items))) is not None:
             return hit
         self._wrote(name)
         with self.engine.mailbox_tx(name, account) as tx:
@@ -274,7 +282,7 @@ class UidlStore:
             result = self._assign_in(tx, items, fmt, prints, plan_first=plan_first)
         if isinstance(result, Assignment):
             with self._lock:
-                self._remember(name, keys, result, version)
+                self._remember(name, items, result, version)
         return result
 
     def _assign_in(
