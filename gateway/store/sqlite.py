@@ -205,6 +205,7 @@ class SqliteEngine:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {version} is newer than this program's")
+        start = version
         while version < SCHEMA_VERSION:
             version += 1
             with self._transaction():  # DDL is transactional in sqlite: a step applies whole or not at all
@@ -212,6 +213,10 @@ class SqliteEngine:
                     if statement.strip():
                         self.db.execute(statement)
                 self.db.execute(f"PRAGMA user_version = {version}")
+        if 0 < start < 2 <= version:  # version 2 freed the deleted rows' pages: give them back, once
+            free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+            if free * 2 > self.db.execute("PRAGMA page_count").fetchone()[0]:
+                self.db.execute("VACUUM")
 
     def schema_version(self) -> int:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
