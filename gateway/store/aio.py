@@ -1,8 +1,8 @@
 """The UIDL store for trio code: every call on a worker thread, typed, with the engine's errors translated.
 
-- Writes run one at a time (``CapacityLimiter(1)``: the engine's one writer); reads (the login of a
-  mailbox left as it was, the plan of a renumbering) run on up to ``READERS`` threads beside them, so
-  different mailboxes log in concurrently.
+- Writes run one at a time (``CapacityLimiter(1)``: the engine's one writer); reads (the cache check,
+  the login of a mailbox left as it was, the plan of a renumbering) run on ``READERS`` threads of their
+  own beside them, so a login never waits for another mailbox's write.
 - Every engine error (``Engine.errors``: sqlite3.Error, OSError...) becomes ``StoreError``, a
   ``TempFailure``: callers catch the gateway's own error and the login gate answers ``[SYS/TEMP]``.
 """

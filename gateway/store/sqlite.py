@@ -2,7 +2,8 @@
 
 Invariants:
 - One writer connection, used by one thread at a time (the async adapter's ``CapacityLimiter(1)``);
-  readers on a small pool of their own connections (WAL: they never wait for the writer, nor it for them).
+  readers on their own connections (WAL: they never wait for the writer, nor it for them), ``READERS``
+  at a time.
 - ``reserved`` holds a 64-bit hash of every UIDL ever given in each mailbox (``UNIQUE`` by its primary
   key): compact, never pruned, consulted only for a new message's proposal. ``message`` holds only the
   messages not deleted (present, or gone and kept for rematching until the retention), so a login reads
@@ -27,7 +28,11 @@ from gateway import files
 from gateway.store.engine import MailboxRows, Row, State
 
 SCHEMA_VERSION = 2
-READERS = 3  # reader connections at most (the adapter lets as many logins read at once)
+# Reads at once beside the writer. Measured (8 mailboxes of 5,000 to 20,000 rows, 40 uncached logins
+# at once, 2 cores): 1 reader 0.71-0.84 s, 2 readers 1.48-1.54 s, 3 readers 1.21-1.82 s. Building the
+# rows holds the GIL, so more reader threads only contend; what matters is that reads do not wait for
+# a write (a first login assigning 100,000 UIDLs), which one lane of their own gives.
+READERS = 1
 _CHUNK = 500  # host parameters per IN (...) query
 _MIGRATIONS: dict[int, str] = {
     1: """
