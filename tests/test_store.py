@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.proto import uidl as rules
-from gateway.store import SCHEMA_VERSION, Assignment, AsyncUidlStore, Item, UidlStore
+from gateway.store import SCHEMA_VERSION, Assignment, AsyncUidlStore, Item, Plan, UidlStore
 
 
 def items(*specs: tuple[str, int]) -> list[Item]:
@@ -88,7 +88,8 @@ def test_renumbered_upstream_keeps_uidls_by_fingerprint(store: UidlStore) -> Non
     first = store.assign("mb", "a", old, "native").uidls
     store.record_fingerprints("mb", [(f"u:1:{i}", f"h{i}", f"b{i}") for i in range(1, 4)])
     new = [Item(f"u:2:{i}", 100 + i, native=f"{i:08x}00000002", uid=i, uidvalidity=2) for i in range(1, 5)]
-    plan = store.plan("mb", new)
+    plan = store.assign_or_plan("mb", "a", new, "native")  # UidlStore.plan is gone: this is its one home
+    assert isinstance(plan, Plan)
     assert set(plan.need_header) == {"u:2:1", "u:2:2", "u:2:3"}  # the 4th has a size no vanished row has
     prints = {f"u:2:{i}": (f"h{i}", None) for i in range(1, 4)}
     r = store.assign("mb", "a", new, "native", prints)

@@ -105,9 +105,6 @@ class AsyncUidlStore:
             raise StoreError("the UIDL store is not open")
         return self._store
 
-    async def plan(self, name: str, items: Sequence[Item]) -> Plan:
-        return await self._run(lambda: self._s().plan(name, items), op="plan", read=True)
-
     async def cached(
         self, name: str, keys: tuple[str, ...], sizes: tuple[int, ...] | None = None
     ) -> Assignment | None:

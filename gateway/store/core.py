@@ -199,13 +199,6 @@ class UidlStore:
 
     # -- a session's snapshot
 
-    def plan(self, name: str, items: Sequence[Item]) -> Plan:
-        """Read-only: which new messages need a header hash before ``assign`` can match them."""
-        mb = self.engine.read_rows(name)
-        if mb is None:
-            return Plan(tuple(i.key for i in items), ())
-        return self._plan(mb.rows, items)
-
     def _plan(self, rows: dict[str, Row], items: Sequence[Item]) -> Plan:
         present = {i.key for i in items}
         new = [i for i in items if i.key not in rows]
