@@ -10,6 +10,8 @@ Workloads (`--only`, default all):
 - ``uidl100k``: login + UIDL of 100,000 small messages + QUIT, in its own gateway process (so its peak RSS
   belongs to this workload). The first login, in which the gateway assigns and stores every UIDL, is timed
   and printed apart from the steady-state logins after it.
+- ``store``: the UIDL store alone, no servers (``benchmarks/store.py``): a login to 10 live messages after
+  10^4, 10^5 and 10^6 deleted ones, main's code against this checkout. Only when asked for by name.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ PEERS = ("dovecot-direct", "imapc-peer")
 JMAP = "gateway-jmap"  # the target: the gateway process on the Cyrus JMAP upstream
 UIDL = "uidl100k"
 WORKLOADS = ("small", "large", "jmap-small", "jmap-large", UIDL)
+STORE = "store"  # benchmarks/store.py: only by name (--only store), never in the default run
 # Issue 4: login to the complete UIDL listing of 100k messages, steady state.
 UIDL_GOAL_RATIO = 1.0  # at most the imapc peer's time
 UIDL_GOAL_SECONDS = 2.0  # on this kind of machine
@@ -122,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
         dest="only",
         default=",".join(WORKLOADS),
         metavar="LIST",
-        help=f"comma-separated subset of: {','.join(WORKLOADS)} (default: all)",
+        help=f"comma-separated subset of: {','.join(WORKLOADS)} (default: all), or {STORE} (the UIDL store "
+        "alone, against main or the first --also build)",
     )
     p.add_argument("--small-count", type=int, default=None, help="messages in the small workload (1000)")
     p.add_argument("--small-size", type=int, default=10 * KIB, help="bytes per small message (10 KiB)")
@@ -173,6 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     repeat = args.repeat if args.repeat is not None else (3 if args.quick else 11)
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+    if STORE in wanted:  # no servers: its own runner
+        from benchmarks import store
+
+        wanted.remove(STORE)
+        store_args = ["--repeat", str(args.repeat or 3)] + (
+            ["--json", args.json] if args.json and not wanted else []
+        )
+        if args.also:  # --also before=DIR: the build to compare with (default: a worktree of main)
+            store_args = [*store_args, "--old", str(args.also[0][1])]
+        rc = store.main(store_args)
+        if rc or not wanted:
+            return rc
     if repeat < 1 or not wanted or set(wanted) - set(WORKLOADS) or args.uidl_count < 1:
         choices = ",".join(WORKLOADS)
         print(f"python -m benchmarks: bad --repeat, --uidl-count or --only (of: {choices})", file=sys.stderr)

@@ -370,7 +370,13 @@ async def _serve_until_signal(
     from gateway.store import AsyncUidlStore
 
     assert isinstance(server, Server)
-    store = AsyncUidlStore(server.config.state_path / "uidl.sqlite3")
+    st = server.config.store
+    store = AsyncUidlStore(
+        server.config.state_path / "uidl.sqlite3",
+        retention=st.retention_days * 86400,
+        max_fingerprints=st.max_fingerprints,
+        fingerprint_concurrency=st.fingerprint_concurrency,
+    )
     store.operations = lambda op: server.metrics.uidl_store(_STORE_OPS.get(op, "write"))
     await store.open()
     server.store = store
@@ -387,6 +393,8 @@ _STORE_OPS: dict[str, Literal["read", "write", "import", "prune"]] = {
     "assign": "write",
     "fingerprints": "write",
     "mark_deleted": "write",
+    "sizes": "write",
+    "prune": "prune",
 }
 
 

@@ -148,6 +148,13 @@ class AdminConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class StoreConfig:
+    retention_days: float = 90.0  # a vanished (not deleted) message's row waits this long to be rematched
+    max_fingerprints: int = 1000  # messages read per login to match a renumbered upstream; the rest are new
+    fingerprint_concurrency: int = 4  # of those reads at once
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_sessions_per_ip: int = 50  # 0 = unlimited
     max_sessions_per_account: int = 5
@@ -173,6 +180,7 @@ class Config:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     admin: AdminConfig = dataclasses.field(default_factory=AdminConfig)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
+    store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
 
     @property
     def state_path(self) -> Path:
@@ -388,6 +396,13 @@ def validate(config: Config, text: str = "") -> None:
         fail(("limits", "auth_failure_window"), "windows and durations must be > 0")
     if config.upstream.max_snapshot_rows < 1:
         fail(("upstream", "max_snapshot_rows"), "must be >= 1")
+    st = config.store
+    if st.retention_days <= 0:
+        fail(("store", "retention_days"), "must be > 0")
+    if st.max_fingerprints < 0:
+        fail(("store", "max_fingerprints"), "must be >= 0")
+    if st.fingerprint_concurrency < 1:
+        fail(("store", "fingerprint_concurrency"), "must be >= 1")
 
 
 def _validate_admin(

@@ -3,9 +3,10 @@
 
 1. The old server: UIDL, LIST and ``TOP n 0`` of every message (poplib; pop3://, pop3s://, or STLS).
 2. The upstream: the account's snapshot through the configured backend, and each message's header block.
-3. Match: the same size and the same header SHA-1 (headers that differ between stores dropped). Groups
-   of identical messages are paired in order. Then, for what is left, the header hash alone when it is
-   unique on both sides (servers that count sizes differently). Everything else is reported.
+3. Match by the store's own rule (``gateway.proto.uidlmatch``, strict): the same size and the same header
+   SHA-1 (headers that differ between stores dropped). Groups of identical messages are paired in order.
+   Then, for what is left, the header hash alone when it is unique on both sides (servers that count
+   sizes differently). Everything else is reported.
 4. Unless ``--dry-run``: one store transaction writes the old UIDLs and positions. Nothing unmatched is
    dropped silently: the report lists every message on either side that got no old UIDL.
 """
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from gateway.backends.base import Backend, Entry, PasswordLogin
 from gateway.durable import _fingerprint
 from gateway.proto import uidl as rules
+from gateway.proto.uidlmatch import Known, Seen, pair
 from gateway.store import Item, UidlStore
 
 
@@ -147,47 +149,20 @@ async def read_upstream(backend: Backend, account: str, password: str) -> tuple[
 
 
 def match(old: Sequence[OldMessage], new: Sequence[NewMessage]) -> Report:
-    report = Report()
-    groups_new: dict[tuple[int, str | None], list[NewMessage]] = {}
-    for n in new:
-        groups_new.setdefault((n.entry.size, n.header_sha1), []).append(n)
-    groups_old: dict[tuple[int, str], list[OldMessage]] = {}
-    for o in old:
-        groups_old.setdefault((o.size, o.header_sha1), []).append(o)
-    used: set[int] = set()
-    leftover_old: list[OldMessage] = []
-    for key, olds in groups_old.items():
-        news = groups_new.get(key, [])
-        if len(olds) == len(news):
-            report.matched += list(zip(olds, news, strict=True))
-            if len(olds) > 1:
-                report.paired_duplicates += len(olds)
-            used.update(n.index for n in news)
-        elif not news:
-            leftover_old += olds
-        else:
-            report.ambiguous += olds
-            used.update(n.index for n in news)  # do not hand them to the header-only pass either
-            report.unmatched_new += news
-    # second pass: header hash alone, when unique on both sides
-    rest_new = [n for n in new if n.index not in used]
-    by_header_new: dict[str | None, list[NewMessage]] = {}
-    for n in rest_new:
-        by_header_new.setdefault(n.header_sha1, []).append(n)
-    by_header_old: dict[str, list[OldMessage]] = {}
-    for o in leftover_old:
-        by_header_old.setdefault(o.header_sha1, []).append(o)
-    for o in leftover_old:
-        news = by_header_new.get(o.header_sha1, [])
-        if len(news) == 1 and len(by_header_old[o.header_sha1]) == 1:
-            report.matched.append((o, news[0]))
-            report.matched_by_headers_only += 1
-            used.add(news[0].index)
-        else:
-            report.unmatched_old.append(o)
-    report.unmatched_new += [n for n in new if n.index not in used]
-    report.matched.sort(key=lambda pair: pair[0].number)
-    return report
+    """The store's matching rule (``gateway.proto.uidlmatch``), strict: see the module's step 3."""
+    known = [Known(str(o.number), o.size, o.header_sha1) for o in old]
+    seen = [Seen(str(n.index), n.entry.size, n.header_sha1) for n in new]
+    result = pair(known, seen, strict=True)
+    olds = {str(o.number): o for o in old}
+    news = {str(n.index): n for n in new}
+    return Report(
+        matched=[(olds[k.ident], news[s.ident]) for k, s in result.pairs],
+        matched_by_headers_only=result.by_header_only,
+        paired_duplicates=result.paired_duplicates,
+        ambiguous=[olds[k.ident] for k in result.ambiguous],
+        unmatched_old=[olds[k.ident] for k in result.unmatched_known(known)],
+        unmatched_new=[news[s.ident] for s in result.unmatched_seen(seen)],
+    )
 
 
 def write(store: UidlStore, name: str, account: str, report: Report) -> int:
