@@ -114,7 +114,10 @@ class DurableMaildrop:
             log.error("uidl store: cannot record fingerprints for %s: %r", self.name, exc)
 
 
-async def _fingerprint(drop: Maildrop, index: int, *, whole: bool) -> tuple[str | None, str | None]:
+async def fingerprint(drop: Maildrop, index: int, *, whole: bool) -> tuple[str | None, str | None]:
+    """The (header, body) SHA-1s of a message read from ``drop`` (the body's only when ``whole``): the one
+    place a message is read to be fingerprinted (logins that rematch, and ``uidl import``). RETR and TOP learn
+    the same fingerprints on the way, through the session's ``Fingerprinter`` sink."""
     fp = Fingerprinter()
     encoder = BodyEncoder(None if whole else 0, sink=fp.feed)
     async with contextlib.aclosing(drop.stream(index, top_lines=None if whole else 0)) as chunks:
@@ -165,11 +168,11 @@ async def _fingerprints(
         hashes = await batch(wanted)
         prints.update({entries[i].stable_key: (h, None) for i, h in hashes.items()})
     else:
-        got = await _read_prints(wanted, lambda i: _fingerprint(drop, i, whole=False), concurrency)
+        got = await _read_prints(wanted, lambda i: fingerprint(drop, i, whole=False), concurrency)
         prints.update({entries[i].stable_key: hb for i, hb in got.items()})
     bodies = need_body(plan.known, items, prints, cap)
     got = await _read_prints(
-        [by_key[k] for k in bodies], lambda i: _fingerprint(drop, i, whole=True), concurrency
+        [by_key[k] for k in bodies], lambda i: fingerprint(drop, i, whole=True), concurrency
     )
     prints.update({entries[i].stable_key: hb for i, hb in got.items()})
     return prints

@@ -20,7 +20,7 @@ import urllib.parse
 from collections.abc import Sequence
 
 from gateway.backends.base import Backend, Entry, PasswordLogin
-from gateway.durable import _fingerprint
+from gateway.durable import fingerprint
 from gateway.proto import uidl as rules
 from gateway.proto.uidlmatch import Known, Seen, pair
 from gateway.store import Item, UidlStore
@@ -142,7 +142,7 @@ async def read_upstream(backend: Backend, account: str, password: str) -> tuple[
     async with backend.open_maildrop(PasswordLogin(account, password)) as drop:
         out = []
         for i, entry in enumerate(drop.entries):
-            header, _ = await _fingerprint(drop, i, whole=False)
+            header, _ = await fingerprint(drop, i, whole=False)
             out.append(NewMessage(i, entry, header))
         name = backend.lock_key(drop.identity)  # the namespace logins use, however the name was typed
     return name, out
