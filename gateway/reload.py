@@ -85,6 +85,23 @@ class Reload:
         return f"Reload(changed={list(self.changed)!r})"
 
 
+def policies(lim: cfg.LimitsConfig) -> tuple[ThrottlePolicy, SessionLimits]:
+    """The throttle policy and fresh session limits of ``[limits]`` (ValueError when they are wrong)."""
+    policy = ThrottlePolicy(
+        base_delay=lim.auth_delay_base,
+        max_delay=lim.auth_delay_max,
+        window=lim.auth_failure_window,
+        lockout_after=lim.lockout_after,
+        lockout_duration=lim.lockout_duration,
+    )
+    limits = SessionLimits(
+        max_per_ip=lim.max_sessions_per_ip,
+        max_per_account=lim.max_sessions_per_account,
+        ipv6_prefix=lim.ipv6_prefix,
+    )
+    return policy, limits
+
+
 def build(config: cfg.Config) -> Built:
     cfg.validate(config)
     contexts: dict[int, ssl.SSLContext] = {}
@@ -107,18 +124,7 @@ def build(config: cfg.Config) -> Built:
     except ValueError as exc:
         raise cfg.ConfigError(str(exc), key="server.plaintext_auth_networks") from None
     try:
-        policy = ThrottlePolicy(
-            base_delay=lim.auth_delay_base,
-            max_delay=lim.auth_delay_max,
-            window=lim.auth_failure_window,
-            lockout_after=lim.lockout_after,
-            lockout_duration=lim.lockout_duration,
-        )
-        limits = SessionLimits(
-            max_per_ip=lim.max_sessions_per_ip,
-            max_per_account=lim.max_sessions_per_account,
-            ipv6_prefix=lim.ipv6_prefix,
-        )
+        policy, limits = policies(lim)
     except ValueError as exc:
         raise cfg.ConfigError(str(exc), key="limits") from None
     warnings = (*cfg.warnings(config), *files.config_warnings(config))

@@ -27,7 +27,6 @@ from gateway.limits import (
     AuthThrottle,
     PlaintextAuthPolicy,
     SessionLimits,
-    ThrottlePolicy,
     TrustedNetworks,
 )
 from gateway.login import GateSettings, LoginGate
@@ -80,18 +79,7 @@ class Server:
     @staticmethod
     def _policies(config: Config) -> tuple[SessionLimits, AuthThrottle]:
         lim = config.limits
-        limits = SessionLimits(
-            max_per_ip=lim.max_sessions_per_ip,
-            max_per_account=lim.max_sessions_per_account,
-            ipv6_prefix=lim.ipv6_prefix,
-        )
-        policy = ThrottlePolicy(
-            base_delay=lim.auth_delay_base,
-            max_delay=lim.auth_delay_max,
-            window=lim.auth_failure_window,
-            lockout_after=lim.lockout_after,
-            lockout_duration=lim.lockout_duration,
-        )
+        policy, limits = reload.policies(lim)
         return limits, AuthThrottle(
             policy,
             trio.current_time,

@@ -581,8 +581,8 @@ class Connection:
             if event is not None:
                 return event
 
-    def _bad_command(self, text: str) -> Close | None:
-        self._out.add(_err(text))
+    def _bad_command(self, text: str, code: str | None = None) -> Close | None:
+        self._out.add(_err(text, code))
         if self.state is State.AUTHORIZATION and self.settings.max_bad_commands:
             self.bad_commands += 1
             if self.bad_commands >= self.settings.max_bad_commands:
@@ -862,14 +862,7 @@ class Connection:
 
     def _bad_command_auth(self, text: str) -> Close | None:
         """A malformed credential: an [AUTH] refusal that is no guess, but counts as a bad command."""
-        self._out.add(_err(text, "AUTH"))
-        if self.settings.max_bad_commands:
-            self.bad_commands += 1
-            if self.bad_commands >= self.settings.max_bad_commands:
-                self._out.add(_err("Too many bad commands; closing"))
-                self.state = State.CLOSED
-                return Close(refused=True)
-        return None
+        return self._bad_command(text, "AUTH")
 
     def auth_succeeded(self, messages: Sequence[Listed], username: str) -> None:
         self._expect(Authenticate, State.AUTHORIZATION)
