@@ -105,6 +105,8 @@ class _Tx:
         self.mailbox_id = mailbox_id
         self._last_hash = last_hash
         self._version = version
+        self._nothing_reserved: bool | None = None  # learnt at the first taken() of the transaction
+        self._hashes: dict[str, int] = {}  # uidl_hash of the proposals checked, reused when reserving
 
     @property
     def version(self) -> int:
@@ -118,9 +120,22 @@ class _Tx:
         return _read(self.db, self.mailbox_id)
 
     def taken(self, uidls: Collection[str]) -> set[str]:
+        if self._nothing_reserved is None:  # once per transaction: a fresh mailbox has taken nothing
+            self._nothing_reserved = (
+                self.db.execute(
+                    "SELECT 1 FROM reserved WHERE mailbox_id = ? LIMIT 1", (self.mailbox_id,)
+                ).fetchone()
+                is None
+            )
+        if self._nothing_reserved:
+            return set()
         by_hash: dict[int, list[str]] = {}
+        hashes_of = self._hashes
         for u in uidls:
-            by_hash.setdefault(uidl_hash(u), []).append(u)
+            h = hashes_of.get(u)
+            if h is None:
+                h = hashes_of[u] = uidl_hash(u)
+            by_hash.setdefault(h, []).append(u)
         hashes = list(by_hash)
         out: set[str] = set()
         for chunk in _chunks(hashes):
@@ -142,10 +157,12 @@ class _Tx:
         self.reserve(r.uidl for r in rows)
 
     def reserve(self, uidls: Iterable[str]) -> None:
-        self.db.executemany(
-            "INSERT OR IGNORE INTO reserved (mailbox_id, h) VALUES (?, ?)",
-            [(self.mailbox_id, uidl_hash(u)) for u in uidls],
-        )
+        hashes_of = self._hashes
+        m = self.mailbox_id
+        rows = [(m, h if (h := hashes_of.get(u)) is not None else uidl_hash(u)) for u in uidls]
+        if rows:
+            self._nothing_reserved = False
+        self.db.executemany("INSERT OR IGNORE INTO reserved (mailbox_id, h) VALUES (?, ?)", rows)
 
     def rekey(self, old_key: str, row: Row) -> None:
         self.db.execute(
