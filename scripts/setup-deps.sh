@@ -79,6 +79,32 @@ if [[ -n "$cyrus_version" && "$(cat "$cyrus_dir/.version" 2>/dev/null || true)" 
     fi
 fi
 
+# panva's oidc-provider, the tests' OAuth2 authorization server (tests/realservers/oidc.py runs it under
+# node from here; $POP3GW_OIDC_PROVIDER_DIR overrides). Pinned; redone only when the pin changes. The npm
+# registry is its only download.
+oidc_dir=/opt/pop3-gateway/oidc-provider
+oidc_version=9.13.3
+if [[ "$(cat "$oidc_dir/.version" 2>/dev/null || true)" != "$oidc_version" ]]; then
+    if ! command -v npm >/dev/null; then
+        echo "setup-deps: npm is missing; the OAuth2 tests need node 20+ and npm" >&2
+    elif [[ $EUID -eq 0 || -w "$(dirname "$oidc_dir")" ]]; then
+        mkdir -p "$oidc_dir"
+        npm_log=$(mktemp)
+        if ! (cd "$oidc_dir" && rm -rf node_modules package.json package-lock.json &&
+            npm install --no-audit --no-fund --save-exact --omit=dev --loglevel=error \
+                "oidc-provider@$oidc_version") >"$npm_log" 2>&1; then
+            cat "$npm_log" >&2
+            rm -f "$npm_log"
+            echo "setup-deps: npm install oidc-provider@$oidc_version failed" >&2
+            exit 1
+        fi
+        rm -f "$npm_log"
+        echo "$oidc_version" >"$oidc_dir/.version"
+    else
+        echo "setup-deps: not root; oidc-provider is not installed in $oidc_dir" >&2
+    fi
+fi
+
 stamp=.venv/.setup-deps.stamp
 if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import re
 import secrets
 import shutil
@@ -21,12 +22,21 @@ import pytest
 
 from tests.realservers import fs
 from tests.realservers.cyrus import Cyrus, start_cyrus
-from tests.realservers.dovecot import Dovecot, MailUser, start_dovecot
+from tests.realservers.dovecot import (
+    Dovecot,
+    MailUser,
+    OAuth2Validation,
+    start_dovecot,
+    start_dovecot_oauth2,
+)
+from tests.realservers.oidc import OidcProvider, start_oidc
 
 pytest_plugins = ["tests.timeouts"]
 
 _user_numbers = itertools.count(1)
-REAL_SERVER_FIXTURES = frozenset({"dovecot", "cyrus"})
+REAL_SERVER_FIXTURES = frozenset({"dovecot", "cyrus", "oidc", "dovecot_oauth2", "dovecot_oauth2_introspect"})
+# The test provider's access-token lifetime: short, so that a test (or a polling client) crosses expiries.
+OIDC_ACCESS_TOKEN_TTL = int(os.environ.get("POP3GW_OIDC_ACCESS_TOKEN_TTL", "10"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -107,3 +117,73 @@ def cyrus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cyrus]:
             (tmp_path_factory.getbasetemp() / "cyrus-syslog.log").write_text(server.log_text())
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def oidc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
+    """A private oidc-provider (panva's, under node) on a free loopback port, started once per session.
+
+    Device flow, client credentials, rotating refresh tokens, introspection, revocation; JWT access tokens
+    living `OIDC_ACCESS_TOKEN_TTL` s ($POP3GW_OIDC_ACCESS_TOKEN_TTL, default 10). Accounts `alice` and
+    `bob` (passwords in `.accounts`); `.device_login("alice")` runs the whole device flow through the
+    provider's pages. Fails (never skips) without node or oidc-provider (`make deps`). Its log is copied
+    to the session's basetemp (oidc.log) at the end.
+    """
+    root = Path(tempfile.mkdtemp(prefix="pop3gw-oidc-"))
+    try:
+        server = start_oidc(root, access_token_ttl=OIDC_ACCESS_TOKEN_TTL)
+        try:
+            yield server
+        finally:
+            server.stop()
+            if server.log_file.exists():
+                shutil.copyfile(server.log_file, tmp_path_factory.getbasetemp() / "oidc.log")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _oauth2_dovecot(
+    oidc: OidcProvider, validation: OAuth2Validation, tmp_path_factory: pytest.TempPathFactory, name: str
+) -> Iterator[Dovecot]:
+    root = Path(tempfile.mkdtemp(prefix="pop3gw-dvo-"))
+    try:
+        server = start_dovecot_oauth2(root, validation)
+        try:
+            for account, password in oidc.accounts.items():
+                server.add_user(account, password)
+            yield server
+        finally:
+            server.stop()
+            if server.log_file.exists():
+                shutil.copyfile(server.log_file, tmp_path_factory.getbasetemp() / f"{name}.log")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dovecot_oauth2(oidc: OidcProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    """A second private Dovecot whose XOAUTH2/OAUTHBEARER logins take the `oidc` provider's JWT access
+    tokens, checked locally with its signing key: user tokens (`sub` = the user) and app-only tokens
+    (scope `imap.app`, any user named in `user=`). Each provider account is a mail user whose IMAP
+    password (for PLAIN, `append`) is its provider password."""
+    validation = OAuth2Validation(
+        "local", issuer=oidc.issuer, key_pem=oidc.signing_key_pem, alg=oidc.alg, kid=oidc.kid
+    )
+    with _oauth2_dovecot(oidc, validation, tmp_path_factory, "dovecot-oauth2") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dovecot_oauth2_introspect(
+    oidc: OidcProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Dovecot]:
+    """Like `dovecot_oauth2`, but every token is checked online at the provider's introspection endpoint
+    (RFC 7662, as the `dovecot` client): opaque tokens (`resource=OPAQUE_RESOURCE`) work here."""
+    client = oidc.introspector
+    url = oidc.introspection_endpoint.replace(
+        "http://", f"http://{client.client_id}:{client.client_secret}@", 1
+    )
+    validation = OAuth2Validation("post", introspection_url=url)
+    with _oauth2_dovecot(oidc, validation, tmp_path_factory, "dovecot-oauth2-introspect") as server:
+        yield server
