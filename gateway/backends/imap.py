@@ -155,6 +155,13 @@ class _Overrun(_Broken):
     """The upstream sent more than one command may: a hostile or broken server, or an interception."""
 
 
+# Parts of a FETCH response count once, with its Fetch event; a tagged reply or a continuation ends or
+# steps the command: none of these spends the untagged budget.
+_UNCOUNTED: frozenset[type] = frozenset(
+    {imap.Tagged, imap.Continuation, imap.FetchBodyStart, imap.FetchBodyChunk, imap.FetchBodyEnd}
+)
+
+
 class ImapConnection:
     """One upstream connection: a trio stream driving the sans-IO client, one exchange at a time."""
 
@@ -255,24 +262,19 @@ class ImapConnection:
     async def _event(self) -> imap.Event:
         while True:
             event = self.client.next_event()
-            if not isinstance(event, imap.NeedData):
-                match event:
-                    case imap.ConnectionClosed():
-                        raise _Broken("upstream closed the connection")
-                    case imap.UntaggedStatus() if event.condition is imap.Condition.BYE:
-                        raise _Broken(f"upstream said BYE: {event.text}")
-                    case (
-                        imap.Tagged()
-                        | imap.Continuation()
-                        | imap.FetchBodyStart()
-                        | imap.FetchBodyChunk()
-                        | imap.FetchBodyEnd()
-                    ):
-                        pass  # parts of a FETCH response count once, with its Fetch event
-                    case _:
-                        self._spend(1)
-                return event
-            await self._receive()
+            if type(event) in _UNCOUNTED:  # the common case (body chunks): one set lookup per event
+                return event  # type: ignore[return-value]
+            if isinstance(event, imap.NeedData):
+                await self._receive()
+                continue
+            match event:
+                case imap.ConnectionClosed():
+                    raise _Broken("upstream closed the connection")
+                case imap.UntaggedStatus() if event.condition is imap.Condition.BYE:
+                    raise _Broken(f"upstream said BYE: {event.text}")
+                case _:
+                    self._spend(1)
+            return event
 
     async def _finish(self, tag: str, on_untagged: OnUntagged | None = None) -> imap.Tagged:
         """Read up to the tagged reply to ``tag``; untagged responses go to ``on_untagged`` (never kept
