@@ -51,7 +51,7 @@ class DurableMaildrop:
         self.name = name
         self._map = list(order)
         self._entries = entries
-        self._listed = list(listed) if listed is not None else [e.size for e in entries]  # the backend's
+        self._listed = listed  # None: the backend's own entries (inner.entries[order[i]]) say it
         self._prints: dict[str, tuple[str | None, str | None]] = {}
         self._sizes: dict[str, tuple[int, int]] = {}  # key -> (listed by the backend, sent)
         self.drift: dict[str, object] = {}
@@ -81,7 +81,9 @@ class DurableMaildrop:
 
     def _note_size(self, index: int, octets: int) -> None:
         if len(self._sizes) < len(self._entries):  # one per message at most: bounded by the snapshot
-            self._sizes[self._entries[index].stable_key] = (self._listed[index], octets)
+            listed = self._listed
+            backend_size = listed[index] if listed is not None else self.inner.entries[self._map[index]].size
+            self._sizes[self._entries[index].stable_key] = (backend_size, octets)
 
     def note_fingerprint(self, index: int, header_sha1: str | None, body_sha1: str | None) -> None:
         key = self._entries[index].stable_key
@@ -245,17 +247,17 @@ async def attach(
         result.rematched,
     )
     uidls = result.uidls
-    sizes = result.sizes or tuple(e.size for e in entries)
     if (
-        result.order == tuple(range(len(entries)))
-        and not result.sizes
+        not result.sizes
+        and result.order == tuple(range(len(entries)))
         and all(e.uidl == u for e, u in zip(entries, uidls, strict=True))
     ):
         ordered = entries  # the usual case on IMAP: the store kept the backend's own UIDLs, in its order
     else:
+        sizes = result.sizes or tuple(e.size for e in entries)
         ordered = [entries[i]._replace(uidl=uidls[i], size=sizes[i]) for i in result.order]
-    listed = [entries[i].size for i in result.order]
-    wrapped = DurableMaildrop(drop, store, name, result.order, ordered, listed)
+    # the backend's listed sizes are read from its entries when a size correction needs them
+    wrapped = DurableMaildrop(drop, store, name, result.order, ordered)
     wrapped.drift = {
         "uidl_hash": result.list_hash[:16],
         "uidl_changed": 0 if result.previous_hash in (None, result.list_hash) else result.new + result.gone,
