@@ -368,7 +368,8 @@ async def test_plaintext_pipelined_after_stls_is_refused(
 # ------------------------------------------------ timeouts and drain (memory streams, virtual time)
 
 
-async def session_on_memory_stream(server: Server, nursery: trio.Nursery) -> tuple[Client, trio.Event]:
+def open_session(server: Server, nursery: trio.Nursery) -> tuple[Client, trio.Event]:
+    """A session on a memory stream: the client, and an event set when the server is done with it."""
     client_side, server_side = trio.testing.memory_stream_pair()
     done = trio.Event()
 
@@ -378,6 +379,10 @@ async def session_on_memory_stream(server: Server, nursery: trio.Nursery) -> tup
 
     nursery.start_soon(run)
     return Client(client_side), done
+
+
+async def session_on_memory_stream(server: Server, nursery: trio.Nursery) -> tuple[Client, trio.Event]:
+    return open_session(server, nursery)
 
 
 async def test_pre_login_timeout_is_shorter(

@@ -20,7 +20,7 @@ from gateway.config import Config, LimitsConfig, ListenConfig, ServerConfig
 from gateway.logsetup import TextFormatter
 from gateway.server import Server
 from tests.fakes import FakeBackend
-from tests.test_server import MSG1, MSG2, MSG3, Client
+from tests.test_server import MSG1, MSG2, MSG3, Client, open_session
 
 
 class CountingBackend(FakeBackend):
@@ -44,24 +44,6 @@ def config(limits: LimitsConfig | None = None, **server: object) -> Config:
         listen=(ListenConfig("127.0.0.1:0"),),
         limits=limits or LimitsConfig(),
     )
-
-
-@pytest.fixture
-async def sessions(nursery: trio.Nursery) -> AsyncIterator[list[trio.Event]]:
-    done: list[trio.Event] = []
-    yield done
-
-
-def open_session(server: Server, nursery: trio.Nursery) -> tuple[Client, trio.Event]:
-    client_side, server_side = trio.testing.memory_stream_pair()
-    finished = trio.Event()
-
-    async def run() -> None:
-        await server.serve_stream(server_side)
-        finished.set()
-
-    nursery.start_soon(run)
-    return Client(client_side), finished
 
 
 # ---------------------------------------------------------------- 1. slowloris before login
