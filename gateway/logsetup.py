@@ -2,8 +2,8 @@
 
 Every line is one line: in text lines, control characters in the message (a user name with a CR or LF, an
 upstream's text) are escaped, so nothing a client or an upstream sends can forge or split a log line. An
-exception is logged as one summary (its type, its message and where it was raised), never as a traceback;
-the traceback is kept for ``debug`` level, where an operator asked for it.
+exception is logged as one summary (its type, its message and where it was raised), never as a traceback,
+at every level: no traceback reaches a terminal.
 """
 
 from __future__ import annotations
@@ -45,9 +45,8 @@ def _exc_info(record: logging.LogRecord) -> ExcInfo | None:
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self, *, tracebacks: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.tracebacks = tracebacks
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = _escape_control(record.getMessage())
@@ -56,16 +55,10 @@ class TextFormatter(logging.Formatter):
         info = _exc_info(record)
         if info is not None:
             line += " exc=" + exception_summary(info)
-            if self.tracebacks:
-                line += "\n" + "".join(traceback.format_exception(*info)).rstrip()
         return line
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, *, tracebacks: bool = False) -> None:
-        super().__init__()
-        self.tracebacks = tracebacks
-
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -80,16 +73,12 @@ class JsonFormatter(logging.Formatter):
         info = _exc_info(record)
         if info is not None:
             out["exc"] = exception_summary(info)
-            if self.tracebacks:
-                out["traceback"] = "".join(traceback.format_exception(*info))
         return json.dumps(out, ensure_ascii=False)
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    debug = level.lower() == "debug"
-    formatter = JsonFormatter(tracebacks=debug) if fmt == "json" else TextFormatter(tracebacks=debug)
-    handler.setFormatter(formatter)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

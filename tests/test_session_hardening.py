@@ -379,3 +379,25 @@ async def test_a_proxied_client_never_gets_loopbacks_plaintext_permission(
     assert (await c.readline()).startswith(b"+OK")
     assert (await c.cmd(b"USER alice")).startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
     server.drain()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_no_log_level_or_format_prints_a_traceback(fmt: str) -> None:
+    import sys
+
+    from gateway.logsetup import setup
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup("debug", fmt)
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+        line = root.handlers[0].format(record)
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    assert "Traceback" not in line and "\n" not in line
+    assert "RuntimeError: boom" in line
