@@ -50,7 +50,7 @@ from gateway.backends.base import (
 from gateway.config import UidlFormat
 from gateway.identity import throttle_key
 from gateway.limits import AuthThrottle, Limit, SessionLimits, ThrottlePolicy, client_key
-from gateway.metrics import BACKENDS, ErrorKind, LoginResult, Metrics, UpstreamOp
+from gateway.metrics import ErrorKind, LoginResult, Metrics
 from gateway.proto.logins import Login
 from gateway.proto.pop3 import Refusal
 from gateway.sessionlog import escape
@@ -202,7 +202,10 @@ class LoginGate:
                 log.warning("login refused peer=%s user=%s: locked out", peer, escape(account))
                 return self._refused(LOCKED_OUT)
             try:
-                with trio.fail_after(self.settings.upstream_timeout), self._timed("open"):
+                with (
+                    trio.fail_after(self.settings.upstream_timeout),
+                    self.metrics.time_upstream(self.backend.name, "open"),
+                ):
                     drop = await stack.enter_async_context(self.backend.open_maildrop(login))
             except (BackendError, trio.TooSlowError) as exc:
                 outcome = outcome_of(exc)
@@ -268,15 +271,6 @@ class LoginGate:
         if outcome.error is not None:
             self.metrics.error(outcome.error)
         return Refused(outcome, login_delay)
-
-    @contextlib.contextmanager
-    def _timed(self, op: UpstreamOp) -> Iterator[None]:
-        kind = self.backend.name
-        if kind not in BACKENDS:
-            yield
-            return
-        with self.metrics.time_upstream(kind, op):  # type: ignore[arg-type]
-            yield
 
 
 async def _shielded_flush(drop: durable.DurableMaildrop) -> None:

@@ -23,7 +23,7 @@ import logging
 import math
 import secrets
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import trio
@@ -33,7 +33,7 @@ from gateway.backends.base import Backend, BackendError, Maildrop, SizeChanged
 from gateway.config import ListenConfig, ServerConfig
 from gateway.limits import Limit, PlaintextAuthPolicy, SessionLimits, TrustedNetworks
 from gateway.login import Admitted, LoginGate
-from gateway.metrics import BACKENDS, Metrics, UpstreamOp
+from gateway.metrics import Metrics
 from gateway.proto import pop3
 from gateway.proto.logins import Login
 from gateway.proto.uidl import Fingerprinter
@@ -354,15 +354,6 @@ class _Session:
             await attempt.aclose()
         self.conn.auth_failed(result.outcome.refusal, login_delay=result.login_delay)
 
-    @contextlib.contextmanager
-    def _timed(self, op: UpstreamOp) -> Iterator[None]:
-        kind = self.env.backend.name
-        if kind not in BACKENDS:
-            yield
-            return
-        with self.metrics.time_upstream(kind, op):  # type: ignore[arg-type]
-            yield
-
     async def _fetch(self, event: pop3.Fetch) -> None:
         drop = self.drop
         conn = self.conn
@@ -372,7 +363,7 @@ class _Session:
         chunks = drop.stream(event.index, top_lines=event.top_lines)
         async with contextlib.aclosing(chunks):
             try:
-                with trio.fail_after(timeout), self._timed("fetch"):
+                with trio.fail_after(timeout), self.metrics.time_upstream(self.env.backend.name, "fetch"):
                     first = await _first(chunks)
             except (BackendError, trio.TooSlowError) as exc:
                 log.warning(
@@ -448,7 +439,7 @@ class _Session:
                 try:
                     with (
                         trio.fail_after(max(self.config.upstream_timeout, DELETE_SHIELD_SECONDS)),
-                        self._timed("delete"),
+                        self.metrics.time_upstream(self.env.backend.name, "delete"),
                     ):
                         await drop.apply_deletions(indexes)
                 except (BackendError, trio.TooSlowError) as exc:
