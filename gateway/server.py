@@ -96,20 +96,32 @@ class Server:
             uidl_format=config.upstream.uidl_format,
         )
 
-    def _make_env(self, config: Config) -> SessionEnv:
+    def _make_env(
+        self,
+        config: Config,
+        *,
+        limits: SessionLimits | None = None,
+        plaintext: PlaintextAuthPolicy | None = None,
+        trusted_proxies: TrustedNetworks | None = None,
+    ) -> SessionEnv:
+        """What new sessions see; a reload hands in the objects its plan built already."""
+        s = config.server
         return SessionEnv(
-            config=config.server,
+            config=s,
             backend=self.backend,
             gate=self.gate,
-            limits=self.gate.limits,
+            limits=limits if limits is not None else self.gate.limits,
             metrics=self.metrics,
             occupancy=self.occupancy,
-            plaintext=PlaintextAuthPolicy(
-                everywhere=config.server.allow_plaintext_auth,
-                networks=TrustedNetworks(config.server.plaintext_auth_networks),
+            plaintext=plaintext
+            if plaintext is not None
+            else PlaintextAuthPolicy(
+                everywhere=s.allow_plaintext_auth, networks=TrustedNetworks(s.plaintext_auth_networks)
             ),
-            trusted_proxies=TrustedNetworks(config.server.trusted_proxies),
-            apop=config.server.apop,
+            trusted_proxies=trusted_proxies
+            if trusted_proxies is not None
+            else TrustedNetworks(s.trusted_proxies),
+            apop=s.apop,
         )
 
     @property
@@ -155,11 +167,8 @@ class Server:
         )
         throttle._records = self.gate.throttle._records
         settings = self._gate_settings(plan.config)
-        env = dataclasses.replace(
-            self._make_env(plan.config),
-            limits=limits,
-            plaintext=built.plaintext,
-            trusted_proxies=built.trusted_proxies,
+        env = self._make_env(
+            plan.config, limits=limits, plaintext=built.plaintext, trusted_proxies=built.trusted_proxies
         )
         # everything is built: from here on nothing can fail
         self.gate.reconfigure(limits=limits, throttle=throttle, settings=settings)

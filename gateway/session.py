@@ -116,7 +116,7 @@ async def run_session(
                 stats.result = "proxy-refused"
                 return
             stream, peer = prelude
-        refusal = _refusal(env, peer)
+        refusal = _refusal(env)
         if refusal is None:
             refused_by = env.limits.acquire_connection(peer.key)
             if refused_by is not None:
@@ -195,7 +195,7 @@ async def run_session(
         log_session_end(peer.text, stats, trio.current_time() - started)
 
 
-def _refusal(env: SessionEnv, peer: Peer) -> tuple[pop3.SessionRefusal, Limit] | None:
+def _refusal(env: SessionEnv) -> tuple[pop3.SessionRefusal, Limit] | None:
     cfg = env.config
     occupancy = env.occupancy
     if occupancy.active > cfg.max_sessions:
