@@ -170,10 +170,6 @@ class LoginGate:
         """SIGHUP: new policies for new attempts. Built by the caller; swapping cannot fail."""
         self.limits, self.throttle, self.settings = limits, throttle, settings
 
-    @property
-    def locked(self) -> frozenset[str]:
-        return frozenset(self._locks)
-
     async def login(
         self, login: Login, *, ip: str, peer: str, stack: contextlib.AsyncExitStack
     ) -> Admitted | Refused:
