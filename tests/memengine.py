@@ -35,13 +35,13 @@ class _Tx:
         return dict(self.box.rows)
 
     def taken(self, uidls: Collection[str]) -> set[str]:
-        return set(uidls) & self.box.reserved
+        live = {r.uidl for r in self.box.rows.values()}
+        return {u for u in uidls if u in self.box.reserved or u in live}
 
     def insert(self, rows: Sequence[Row], now: float) -> None:
         for r in rows:
-            assert r.key not in self.box.rows and r.uidl not in self.box.reserved
+            assert r.key not in self.box.rows and not self.taken({r.uidl})
             self.box.rows[r.key] = r
-        self.reserve(r.uidl for r in rows)
 
     def rekey(self, old_key: str, row: Row) -> None:
         del self.box.rows[old_key]
@@ -60,11 +60,18 @@ class _Tx:
         self.box.reserved.update(uidls)
 
     def forget(self, keys: Sequence[str]) -> None:
-        for k in keys:
-            self.box.rows.pop(k, None)
+        _remove(self.box, keys)
 
     def finish(self, list_hash: str, count: int) -> None:
         self.box.last_hash = list_hash
+
+
+def _remove(box: _Box, keys: Iterable[str]) -> None:
+    """Rows go; their UIDLs are reserved at once (the engine contract)."""
+    for k in keys:
+        row = box.rows.pop(k, None)
+        if row is not None:
+            box.reserved.add(row.uidl)
 
 
 class MemoryEngine:
@@ -94,8 +101,7 @@ class MemoryEngine:
     def mark_deleted(self, name: str, keys: Sequence[str]) -> None:
         box = self.boxes[name]
         box.version += 1
-        for k in keys:
-            box.rows.pop(k, None)
+        _remove(box, keys)
 
     def record_fingerprints(self, name: str, prints: Sequence[tuple[str, str | None, str | None]]) -> None:
         box = self.boxes[name]
@@ -125,7 +131,7 @@ class MemoryEngine:
         for box in self.boxes.values():
             for k, r in list(box.rows.items()):
                 if r.state == "gone" and (r.gone_at or 0) < gone_before:
-                    del box.rows[k]
+                    _remove(box, [k])
                     n += 1
         return n
 

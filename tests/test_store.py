@@ -461,3 +461,15 @@ async def test_logins_to_other_mailboxes_read_beside_a_write(tmp_path: Path) -> 
     finally:
         release.set()
         await s.aclose()
+
+
+def test_a_first_login_writes_rows_once_and_a_removed_row_is_reserved_as_it_goes(store: UidlStore) -> None:
+    """Version 3: a live row's UIDL is taken by the row itself (its UNIQUE index); ``reserved`` gets it in
+    the transaction that removes the row. So a first login of N messages inserts N rows, not 2N."""
+    store.assign("mb", "a", [Item(f"k{i}", 10, native=f"U{i}") for i in range(100)], "native")
+    assert store.db.execute("SELECT count(*) FROM reserved").fetchone()[0] == 0
+    store.mark_deleted("mb", ["k3"])
+    assert store.db.execute("SELECT count(*) FROM reserved").fetchone()[0] == 1
+    # the live ones and the deleted one are all taken: each proposal gets a suffix
+    r = store.assign("mb", "a", [Item("new1", 1, native="U3"), Item("new2", 1, native="U4")], "native")
+    assert r.uidls == ("U3-2", "U4-2")

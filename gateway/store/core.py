@@ -290,8 +290,11 @@ class UidlStore:
             if plan.need_header:
                 return plan  # nothing written: the transaction commits empty
         now = time.time()
-        seen = [Seen(i.key, i.size, *prints.get(i.key, (None, None))) for i in new_items]
-        matched = pair(_known(vanished), seen).pairs
+        if vanished and new_items:  # nothing to rematch otherwise (a first login: no vanished rows)
+            seen = [Seen(i.key, i.size, *prints.get(i.key, (None, None))) for i in new_items]
+            matched = pair(_known(vanished), seen).pairs
+        else:
+            matched = ()
         for k, s in matched:
             old = rows.pop(k.ident)
             row = old._replace(

@@ -6,9 +6,11 @@ engine raises its own errors (sqlite3.Error, psycopg.Error, OSError) and lists t
 adapter (``gateway.store.aio``) turns them into ``StoreError``, so no caller imports an engine module.
 
 What an engine must keep true:
-- ``taken`` answers for every UIDL ever given in the mailbox (reserved at ``insert``, ``reserve`` and
-  kept after ``mark_deleted`` and ``forget``), so a UIDL is never given to another message. It may say
-  "taken" for a UIDL that never was (a hash collision): that only adds a suffix.
+- ``taken`` answers for every UIDL ever given in the mailbox: those on live rows, and those of every row
+  removed (``forget``, ``mark_deleted``, ``prune`` reserve the row's UIDL in the transaction that removes
+  it; ``reserve`` adds one directly), so a UIDL is never given to another message. A first login thus
+  writes each row once. It may say "taken" for a UIDL that never was (a hash collision): that only adds a
+  suffix.
 - ``rows`` returns only the rows of messages not deleted (present, or gone: vanished upstream and kept
   for rematching until the retention): a login reads what its mailbox holds now, not its history.
 - A ``MailboxTx`` is one transaction that excludes other writers of the same mailbox (sqlite:
@@ -77,7 +79,7 @@ class MailboxTx(Protocol):
         ...
 
     def insert(self, rows: Sequence[Row], now: float) -> None:
-        """New rows (their UIDLs are reserved with them)."""
+        """New rows (their UIDLs are taken while the rows live, and reserved when they go)."""
         ...
 
     def rekey(self, old_key: str, row: Row) -> None:
@@ -91,7 +93,7 @@ class MailboxTx(Protocol):
     def reserve(self, uidls: Iterable[str]) -> None: ...
 
     def forget(self, keys: Sequence[str]) -> None:
-        """Drop rows; their UIDLs stay reserved."""
+        """Drop rows; their UIDLs are reserved in the same transaction."""
         ...
 
     def finish(self, list_hash: str, count: int) -> None:
@@ -128,7 +130,7 @@ class Engine(Protocol):
     def adopt(self, name: str, legacy: Sequence[str]) -> str | None: ...
 
     def prune(self, gone_before: float) -> int:
-        """Forget rows gone since before ``gone_before`` (their UIDLs stay reserved); how many."""
+        """Forget rows gone since before ``gone_before`` (their UIDLs are reserved); how many."""
         ...
 
     def mailboxes(self, account: str | None = None) -> list[tuple[str, str]]: ...

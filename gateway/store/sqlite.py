@@ -4,14 +4,18 @@ Invariants:
 - One writer connection, used by one thread at a time (the async adapter's ``CapacityLimiter(1)``);
   readers on their own connections (WAL: they never wait for the writer, nor it for them), ``READERS``
   at a time.
-- ``reserved`` holds a 64-bit hash of every UIDL ever given in each mailbox (``UNIQUE`` by its primary
-  key): compact, never pruned, consulted only for a new message's proposal. ``message`` holds only the
-  messages not deleted (present, or gone and kept for rematching until the retention), so a login reads
-  what its mailbox holds now and a poller that deletes everything at QUIT keeps it small.
+- Every UIDL ever given in a mailbox is either on a live row of ``message`` (``UNIQUE (mailbox_id,
+  uidl)``) or in ``reserved`` (a 64-bit hash, ``UNIQUE`` by its primary key): a row's UIDL is reserved in
+  the same transaction that removes the row (``forget``, ``mark_deleted``, ``prune``), never later. So a
+  first login writes one row per message, not two. ``reserved`` is compact, never pruned, consulted only
+  for a new message's proposal. ``message`` holds only the messages not deleted (present, or gone and kept
+  for rematching until the retention), so a login reads what its mailbox holds now and a poller that
+  deletes everything at QUIT keeps it small.
 - Every change is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``); WAL with ``synchronous=FULL``: a
   SIGKILL at any point leaves either the old or the new state.
 - The schema is versioned (``PRAGMA user_version``) and migrates forward, one step at a time, each step one
-  transaction. Version 2 moved the deleted rows into ``reserved``.
+  transaction. Version 2 moved the deleted rows into ``reserved``; version 3 stopped reserving live rows
+  (their ``reserved`` entries from version 2 stay, harmless), and an older program must not write it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import TypeVar
 from gateway import files
 from gateway.store.engine import MailboxRows, Row, State
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Reads at once beside the writer. Measured (8 mailboxes of 5,000 to 20,000 rows, 40 uncached logins
 # at once, 2 cores): 1 reader 0.71-0.84 s, 2 readers 1.48-1.54 s, 3 readers 1.21-1.82 s. Building the
 # rows holds the GIL, so more reader threads only contend; what matters is that reads do not wait for
@@ -72,6 +76,9 @@ _MIGRATIONS: dict[int, str] = {
     CREATE INDEX message_gone ON message (gone_at) WHERE state = 'gone';
     ALTER TABLE mailbox ADD COLUMN version INTEGER NOT NULL DEFAULT 0;  -- bumped by every write
     """,
+    # No change of tables: rows are reserved when they go, not when they come. The version is what keeps a
+    # program of version 2, which reads ``reserved`` alone, from giving a live row's UIDL again.
+    3: "",
 }
 T = TypeVar("T")
 _ROW = "key, uidl, size, header_sha1, body_sha1, state, order_pos, sent_size, gone_at"
@@ -92,7 +99,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
+def _chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
     for i in range(0, len(values), _CHUNK):
         yield values[i : i + _CHUNK]
 
@@ -105,8 +112,7 @@ class _Tx:
         self.mailbox_id = mailbox_id
         self._last_hash = last_hash
         self._version = version
-        self._nothing_reserved: bool | None = None  # learnt at the first taken() of the transaction
-        self._hashes: dict[str, int] = {}  # uidl_hash of the proposals checked, reused when reserving
+        self._nothing_given: bool | None = None  # learnt at the first taken() of the transaction
 
     @property
     def version(self) -> int:
@@ -120,28 +126,29 @@ class _Tx:
         return _read(self.db, self.mailbox_id)
 
     def taken(self, uidls: Collection[str]) -> set[str]:
-        if self._nothing_reserved is None:  # once per transaction: a fresh mailbox has taken nothing
-            self._nothing_reserved = (
-                self.db.execute(
-                    "SELECT 1 FROM reserved WHERE mailbox_id = ? LIMIT 1", (self.mailbox_id,)
-                ).fetchone()
-                is None
+        m = self.mailbox_id
+        if self._nothing_given is None:  # once per transaction: a fresh mailbox has given nothing
+            self._nothing_given = not any(
+                self.db.execute(f"SELECT 1 FROM {table} WHERE mailbox_id = ? LIMIT 1", (m,)).fetchone()  # noqa: S608 - a constant
+                for table in ("reserved", "message")
             )
-        if self._nothing_reserved:
+        if self._nothing_given:
             return set()
-        by_hash: dict[int, list[str]] = {}
-        hashes_of = self._hashes
-        for u in uidls:
-            h = hashes_of.get(u)
-            if h is None:
-                h = hashes_of[u] = uidl_hash(u)
-            by_hash.setdefault(h, []).append(u)
-        hashes = list(by_hash)
+        wanted = list(uidls)
         out: set[str] = set()
-        for chunk in _chunks(hashes):
+        for chunk in _chunks(wanted):  # on a live row (the UNIQUE index answers)
             cur = self.db.execute(
-                f"SELECT h FROM reserved WHERE mailbox_id = ? AND h IN ({','.join('?' * len(chunk))})",  # noqa: S608 - placeholders only
-                (self.mailbox_id, *chunk),
+                f"SELECT uidl FROM message WHERE mailbox_id = ? AND uidl IN ({','.join('?' * len(chunk))})",  # noqa: S608 - placeholders only
+                (m, *chunk),
+            )
+            out.update(u for (u,) in cur)
+        by_hash: dict[int, list[str]] = {}
+        for u in wanted:
+            by_hash.setdefault(uidl_hash(u), []).append(u)
+        for hchunk in _chunks(list(by_hash)):  # or given to a row since removed
+            cur = self.db.execute(
+                f"SELECT h FROM reserved WHERE mailbox_id = ? AND h IN ({','.join('?' * len(hchunk))})",  # noqa: S608 - placeholders only
+                (m, *hchunk),
             )
             for (h,) in cur:
                 out.update(by_hash[h])
@@ -154,14 +161,14 @@ class _Tx:
             "first_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [(m, r.key, r.uidl, r.size, r.header_sha1, r.body_sha1, r.order_pos, now) for r in rows],
         )
-        self.reserve(r.uidl for r in rows)
+        if rows:
+            self._nothing_given = False
 
     def reserve(self, uidls: Iterable[str]) -> None:
-        hashes_of = self._hashes
         m = self.mailbox_id
-        rows = [(m, h if (h := hashes_of.get(u)) is not None else uidl_hash(u)) for u in uidls]
+        rows = [(m, uidl_hash(u)) for u in uidls]
         if rows:
-            self._nothing_reserved = False
+            self._nothing_given = False
         self.db.executemany("INSERT OR IGNORE INTO reserved (mailbox_id, h) VALUES (?, ?)", rows)
 
     def rekey(self, old_key: str, row: Row) -> None:
@@ -185,15 +192,23 @@ class _Tx:
         )
 
     def forget(self, keys: Sequence[str]) -> None:
-        self.db.executemany(
-            "DELETE FROM message WHERE mailbox_id = ? AND key = ?", [(self.mailbox_id, k) for k in keys]
-        )
+        _remove(self.db, [(self.mailbox_id, k) for k in keys])
 
     def finish(self, list_hash: str, count: int) -> None:
         self.db.execute(
             "UPDATE mailbox SET last_list_hash = ?, last_count = ?, sessions = sessions + 1 WHERE id = ?",
             (list_hash, count, self.mailbox_id),
         )
+
+
+def _remove(db: sqlite3.Connection, rows: Sequence[tuple[int, str]]) -> None:
+    """Rows (mailbox id, key) go; their UIDLs are reserved in the same transaction."""
+    db.executemany(
+        "INSERT OR IGNORE INTO reserved (mailbox_id, h) "
+        "SELECT mailbox_id, uidl_hash(uidl) FROM message WHERE mailbox_id = ? AND key = ?",
+        rows,
+    )
+    db.executemany("DELETE FROM message WHERE mailbox_id = ? AND key = ?", rows)
 
 
 def _read(db: sqlite3.Connection, mailbox_id: int) -> dict[str, Row]:
@@ -357,16 +372,20 @@ class SqliteEngine:
             self._bump(name)
 
     def mark_deleted(self, name: str, keys: Sequence[str]) -> None:
-        """The rows go; their UIDLs stay in ``reserved`` (put there when they were given)."""
+        """The rows go; their UIDLs go to ``reserved``."""
         with self._transaction():
-            self.db.executemany(
-                "DELETE FROM message WHERE mailbox_id = (SELECT id FROM mailbox WHERE name = ?) AND key = ?",
-                [(name, k) for k in keys],
-            )
+            mailbox_id = self._mailbox_id(self.db, name)
+            if mailbox_id is not None:
+                _remove(self.db, [(mailbox_id, k) for k in keys])
             self._bump(name)
 
     def prune(self, gone_before: float) -> int:
         with self._transaction():
+            self.db.execute(
+                "INSERT OR IGNORE INTO reserved (mailbox_id, h) "
+                "SELECT mailbox_id, uidl_hash(uidl) FROM message WHERE state = 'gone' AND gone_at < ?",
+                (gone_before,),
+            )
             cur = self.db.execute("DELETE FROM message WHERE state = 'gone' AND gone_at < ?", (gone_before,))
             return int(cur.rowcount)
 
