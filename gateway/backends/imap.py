@@ -411,10 +411,11 @@ class ImapConnection:
             await self.stream.send_all(data)
             while True:
                 plain = self.client.next_size_fetches()
-                if plain:
+                if plain:  # only ever lines with exactly UID and RFC822.SIZE, taken as one batch
                     self._spend(len(plain))
-                    for uid, size in plain:  # only ever lines with exactly UID and RFC822.SIZE
-                        row(uid, size)
+                    if len(rows) + len(plain) > max_rows:
+                        row(*plain[max_rows - len(rows)])  # raises
+                    rows.extend(plain)
                     continue
                 event = self.client.next_event()
                 if isinstance(event, imap.NeedData):

@@ -586,7 +586,7 @@ class ResponseParser:
         self._pos = end
         self._scan = max(self._scan, end)
         rows = [(int(u), int(z)) for u, z in _SIZE_FETCH_RE.findall(buf, start, end)]
-        if any(u > MAX_UID for u, _ in rows):  # the general parser refuses it the same way
+        if rows and max(rows)[0] > MAX_UID:  # the general parser refuses it the same way
             self._read = _Read.ERROR
             raise ImapProtocolError("a UID outside 1 .. 2**32-1")
         return rows
