@@ -167,7 +167,7 @@ def documented_label_values() -> dict[tuple[str, str], set[str]]:
     out: dict[tuple[str, str], set[str]] = {}
     for line in (DOCS / "operations.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 4 or not (name := re.fullmatch(r"`(pop3_gateway_[a-z_]+)`", cells[0])):
+        if len(cells) != 4 or not (name := re.fullmatch(r"`(pop3_gateway_[a-z0-9_]+)`", cells[0])):
             continue
         for part in filter(None, (p.strip() for p in cells[2].split(";"))):
             label, _, values = part.partition(":")

@@ -281,6 +281,15 @@ class ProviderRegistry:
 # ------------------------------------------------------------------ access tokens
 
 
+def effective_margin(stored: StoredToken, margin: float) -> float:
+    """``margin``, but at most half the token's lifetime as granted (expiry minus the time it was stored):
+    a provider handing out 5-minute tokens gets them refreshed at half-life, not at every login."""
+    expires = stored.token.expires_at
+    if expires is None:
+        return margin
+    return min(margin, max(0.0, (expires - stored.stored_at) / 2))
+
+
 class TokenSource:
     """Fresh access tokens of OAuth2-mapped accounts (see the module's docstring)."""
 
@@ -319,7 +328,7 @@ class TokenSource:
             return await self._renew(account_name, provider, stored, force=force)
 
     def _due(self, stored: StoredToken) -> bool:
-        return needs_refresh(stored.token, self._clock(), self._margin)
+        return needs_refresh(stored.token, self._clock(), effective_margin(stored, self._margin))
 
     async def _load(self, account: str, provider: str) -> StoredToken:
         try:
@@ -600,6 +609,7 @@ __all__ = [
     "StoredSecret",
     "TokenSource",
     "UnknownProvider",
+    "effective_margin",
     "key_file_path",
     "load_keyring",
     "login_command",
