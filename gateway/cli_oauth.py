@@ -306,9 +306,9 @@ def status(config: cfg.Config, typed: Sequence[str], *, stdout: TextIO | None = 
         state = token_state(stored, now, config.oauth2.refresh_margin)
         rows.append((name, stored.provider or "-", stored.flow or "-", state, _when(stored.token.expires_at)))
     if names:
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + row[4], file=out)
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out)
     listed = {store.path(n).name for n in names}
     others = (
         [p for p in store.directory.glob("*.token") if p.name not in listed]
