@@ -172,6 +172,37 @@ class LogConfig:
     format: Literal["text", "json"] = "text"
 
 
+OAuthFlow = Literal["device", "code", "client-credentials"]
+OAUTH_FLOWS: tuple[str, ...] = typing.get_args(OAuthFlow)
+ProviderKind = Literal["microsoft", "google", "oidc"]
+PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MICROSOFT_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+MICROSOFT_GENERIC_TENANTS = ("common", "organizations", "consumers")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OAuth2ProviderConfig:
+    """One ``[oauth2.providers.NAME]`` table: a registered client at one provider."""
+
+    kind: ProviderKind = "oidc"
+    tenant: str = ""  # microsoft: a tenant id or domain; "" = "organizations"
+    issuer: str = ""  # oidc: the issuer URL (discovery); required for kind = "oidc"
+    client_id: str = ""  # required
+    client_secret_file: str = ""  # mode 0600 or stricter; "" = a public client
+    scope: str = ""  # the delegated scope; "" = the provider's mail scope
+    app_scope: str = ""  # the client-credentials scope; "" = the provider's
+    flow: OAuthFlow = "device"  # what `oauth login` uses without --flow
+    redirect_uri: str = "http://localhost"  # code flow: registered with the provider
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OAuth2Config:
+    key_file: str = ""  # "" = $POP3_GATEWAY_TOKEN_KEYS when set, else <state_dir>/token.key
+    refresh_margin: float = 600.0  # refresh this many seconds before the access token expires
+    token_timeout: float = 10.0  # bound on one token endpoint call (and a discovery fetch)
+    providers: dict[str, OAuth2ProviderConfig] = dataclasses.field(default_factory=dict)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
@@ -181,6 +212,7 @@ class Config:
     admin: AdminConfig = dataclasses.field(default_factory=AdminConfig)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
     store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
+    oauth2: OAuth2Config = dataclasses.field(default_factory=OAuth2Config)
 
     @property
     def state_path(self) -> Path:
@@ -244,6 +276,20 @@ def _convert(tp: Any, value: Any, keypath: tuple[str | int, ...], text: str) -> 
         if not isinstance(value, dict):
             raise bad("a table")
         return _build(tp, value, keypath, text)  # type: ignore[arg-type]
+    if origin is dict:  # named tables: [section.NAME]
+        (_, item_tp) = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise bad("a table of named tables")
+        out = {}
+        for name, item in value.items():
+            if not PROVIDER_NAME.fullmatch(name):
+                raise ConfigError(
+                    "a name is 1 to 64 of A-Z a-z 0-9 _ . - (starting with a letter or digit)",
+                    key=_dotted((*keypath, name)),
+                    line=_find_line(text, keypath),
+                )
+            out[name] = _convert(item_tp, item, (*keypath, name), text)
+        return out
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -403,6 +449,65 @@ def validate(config: Config, text: str = "") -> None:
         fail(("store", "max_fingerprints"), "must be >= 0")
     if st.fingerprint_concurrency < 1:
         fail(("store", "fingerprint_concurrency"), "must be >= 1")
+    _validate_oauth2(config.oauth2, fail)
+
+
+def _validate_oauth2(
+    oauth2: OAuth2Config, fail: typing.Callable[[tuple[str | int, ...], str], typing.NoReturn]
+) -> None:
+    if oauth2.refresh_margin < 0:
+        fail(("oauth2", "refresh_margin"), "must be >= 0")
+    if oauth2.token_timeout <= 0:
+        fail(("oauth2", "token_timeout"), "must be > 0")
+    for name, p in oauth2.providers.items():
+        where = ("oauth2", "providers", name)
+        if not p.client_id or not p.client_id.isprintable() or len(p.client_id) > 512:
+            fail(
+                (*where, "client_id"), "is required: the client (application) id registered with the provider"
+            )
+        for key in ("scope", "app_scope"):
+            value = getattr(p, key)
+            if len(value) > 2048 or not all(0x21 <= ord(c) <= 0x7E or c == " " for c in value):
+                fail((*where, key), "must be printable ASCII scope tokens separated by spaces")
+        if p.kind != "microsoft" and p.tenant:
+            fail((*where, "tenant"), 'is for kind = "microsoft" only')
+        if p.kind != "oidc" and p.issuer:
+            fail((*where, "issuer"), 'is for kind = "oidc" only (Microsoft and Google have fixed endpoints)')
+        if p.kind == "microsoft" and p.tenant and not MICROSOFT_TENANT.fullmatch(p.tenant):
+            fail((*where, "tenant"), "must be a tenant id, a domain, or organizations/consumers/common")
+        if p.kind == "oidc":
+            if not p.issuer:
+                fail((*where, "issuer"), 'is required for kind = "oidc" (the issuer URL, for discovery)')
+            if (problem := _issuer_problem(p.issuer)) is not None:
+                fail((*where, "issuer"), problem)
+        if p.kind == "google" and p.flow == "device":
+            fail(
+                (*where, "flow"),
+                'Google\'s device flow does not allow the Gmail scope: set flow = "code" for kind = "google"',
+            )
+        if p.flow == "client-credentials":
+            if p.kind == "google":
+                fail((*where, "flow"), "Google has no client-credentials grant for mailboxes")
+            if not p.client_secret_file:
+                fail((*where, "client_secret_file"), "client credentials need a client secret")
+            if p.kind == "microsoft" and (p.tenant or "organizations").lower() in MICROSOFT_GENERIC_TENANTS:
+                fail(
+                    (*where, "tenant"),
+                    "app-only access (client credentials) needs the tenant's id or domain, "
+                    "not common/organizations/consumers",
+                )
+        parts = urllib.parse.urlsplit(p.redirect_uri)
+        if parts.scheme not in ("http", "https") or not parts.netloc or len(p.redirect_uri) > 2048:
+            fail((*where, "redirect_uri"), "must be an http(s) URL registered with the provider")
+
+
+def _issuer_problem(issuer: str) -> str | None:
+    parts = urllib.parse.urlsplit(issuer)
+    if len(issuer) > 2048 or not parts.hostname or parts.query or parts.fragment:
+        return "must be the issuer's URL, e.g. https://login.example.org/realms/mail"
+    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname)):
+        return None
+    return "must be an https URL (http only on loopback)"
 
 
 def _validate_admin(

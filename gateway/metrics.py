@@ -16,6 +16,7 @@ sent_bytes_total                       counter    octets written to POP3 clients
 upstream_duration_seconds{backend,op}  histogram  time spent in upstream calls
 uidl_store_operations_total{op}        counter    UIDL store operations
 errors_total{kind}                     counter    errors by kind
+oauth2_refresh_total{outcome}          counter    OAuth2 token refreshes by outcome
 build_info{version}                    gauge      always 1
 =====================================  =========  ==================================================
 
@@ -59,11 +60,19 @@ ErrorKind = Literal[
     "accept",  # accept() failed (EMFILE and friends)
 ]
 
+RefreshOutcome = Literal[
+    "ok",  # a new access token was stored
+    "invalid_grant",  # the grant is gone: the account needs `oauth login` again
+    "temporary",  # the token endpoint was down, slow or broken: the stored token is kept
+    "refused",  # any other OAuth error (invalid_client: an expired client secret...), or an unusable provider
+]
+
 LOGIN_RESULTS: Final = typing.get_args(LoginResult)
 BACKENDS: Final = typing.get_args(BackendKind)
 UPSTREAM_OPS: Final = typing.get_args(UpstreamOp)
 UIDL_STORE_OPS: Final = typing.get_args(UidlStoreOp)
 ERROR_KINDS: Final = typing.get_args(ErrorKind)
+REFRESH_OUTCOMES: Final = typing.get_args(RefreshOutcome)
 VERBS: Final = (
     "USER",
     "PASS",
@@ -142,6 +151,9 @@ class Metrics:
             "uidl_store_operations", "UIDL store operations", ["op"], namespace=ns, registry=r
         )
         self._errors = Counter("errors", "Errors by kind", ["kind"], namespace=ns, registry=r)
+        self._refresh = Counter(
+            "oauth2_refresh", "OAuth2 token refreshes by outcome", ["outcome"], namespace=ns, registry=r
+        )
         self._exposed = _WithoutCreated(r)
         # Every closed-set series exists from the start, at 0, so rates and alerts need no absent().
         for limit in Limit:
@@ -154,6 +166,8 @@ class Metrics:
             self._uidl.labels(op)
         for kind in ERROR_KINDS:
             self._errors.labels(kind)
+        for outcome in REFRESH_OUTCOMES:
+            self._refresh.labels(outcome)
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -213,6 +227,9 @@ class Metrics:
 
     def error(self, kind: ErrorKind) -> None:
         self._errors.labels(_check(kind, ERROR_KINDS, "error kind")).inc()
+
+    def oauth2_refresh(self, outcome: RefreshOutcome) -> None:
+        self._refresh.labels(_check(outcome, REFRESH_OUTCOMES, "refresh outcome")).inc()
 
     # -- exposition
 

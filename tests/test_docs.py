@@ -18,7 +18,7 @@ from gateway.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-ROW = re.compile(r"^\|\s*`([a-z0-9_]+\.[a-z0-9_]+)`\s*\|")
+ROW = re.compile(r"^\|\s*`([a-z0-9_]+(?:\.(?:[a-z0-9_]+|NAME))+)`\s*\|")
 
 
 # ---------------------------------------------------------------- configuration reference
@@ -35,7 +35,17 @@ def loader_keys() -> dict[str, tuple[Any, Any]]:
         section = section_type()
         hints = typing.get_type_hints(section_type)
         for sub in dataclasses.fields(section_type):
-            keys[f"{field.name}.{sub.name}"] = (hints[sub.name], getattr(section, sub.name))
+            tp = hints[sub.name]
+            if typing.get_origin(tp) is dict:  # [section.key.NAME] named tables: their keys, each
+                table = typing.get_args(tp)[1]
+                table_hints = typing.get_type_hints(table)
+                for leaf in dataclasses.fields(table):
+                    keys[f"{field.name}.{sub.name}.NAME.{leaf.name}"] = (
+                        table_hints[leaf.name],
+                        getattr(table(), leaf.name),
+                    )
+                continue
+            keys[f"{field.name}.{sub.name}"] = (tp, getattr(section, sub.name))
     return keys
 
 
@@ -182,5 +192,5 @@ def test_operations_doc_names_exactly_the_metrics_the_registry_exposes() -> None
         family.name + ("_total" if family.type == "counter" else "")
         for family in Metrics(process=False).registry.collect()
     }
-    documented = set(re.findall(r"`(pop3_gateway_[a-z_]+)`", (DOCS / "operations.md").read_text()))
+    documented = set(re.findall(r"`(pop3_gateway_[a-z0-9_]+)`", (DOCS / "operations.md").read_text()))
     assert documented == exposed

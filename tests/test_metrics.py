@@ -14,6 +14,7 @@ from gateway.metrics import (
     BACKENDS,
     ERROR_KINDS,
     LOGIN_RESULTS,
+    REFRESH_OUTCOMES,
     UIDL_STORE_OPS,
     UPSTREAM_OPS,
     VERBS,
@@ -43,6 +44,7 @@ def test_every_documented_series_is_exposed_from_the_start() -> None:
         "pop3_gateway_sent_bytes_total",
         "pop3_gateway_uidl_store_operations_total",
         "pop3_gateway_errors_total",
+        "pop3_gateway_oauth2_refresh_total",
         "pop3_gateway_build_info",
         "process_open_fds",
     ):
@@ -165,7 +167,7 @@ def documented_label_values() -> dict[tuple[str, str], set[str]]:
     out: dict[tuple[str, str], set[str]] = {}
     for line in (DOCS / "operations.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 4 or not (name := re.fullmatch(r"`(pop3_gateway_[a-z_]+)`", cells[0])):
+        if len(cells) != 4 or not (name := re.fullmatch(r"`(pop3_gateway_[a-z0-9_]+)`", cells[0])):
             continue
         for part in filter(None, (p.strip() for p in cells[2].split(";"))):
             label, _, values = part.partition(":")
@@ -183,6 +185,7 @@ def test_the_operations_doc_lists_every_label_value_the_code_can_emit() -> None:
         ("pop3_gateway_upstream_duration_seconds", "op"): set(UPSTREAM_OPS),
         ("pop3_gateway_uidl_store_operations_total", "op"): set(UIDL_STORE_OPS),
         ("pop3_gateway_errors_total", "kind"): set(ERROR_KINDS),
+        ("pop3_gateway_oauth2_refresh_total", "outcome"): set(REFRESH_OUTCOMES),
         ("pop3_gateway_build_info", "version"): set(),  # the package version: no closed set
     }
     assert documented_label_values() == expected
@@ -215,6 +218,6 @@ def test_every_closed_label_value_is_one_the_code_emits() -> None:
                 literals.add(node.value)
     never = {
         name: sorted(set(typing.get_args(getattr(metrics, name))) - literals)
-        for name in ("LoginResult", "UpstreamOp", "UidlStoreOp", "ErrorKind")
+        for name in ("LoginResult", "UpstreamOp", "UidlStoreOp", "ErrorKind", "RefreshOutcome")
     }
     assert {name: values for name, values in never.items() if values} == {}

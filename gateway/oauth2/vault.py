@@ -207,18 +207,19 @@ class StoredToken:
     provider: str
     stored_at: float
     kid: str  # the key that encrypted it: not the current one means ``rewrap`` is due
+    flow: str = ""  # the grant that got it ("device", "code", "client-credentials"; "" in older records)
 
 
 def _associated(kid: str, account: str) -> bytes:
     return b"\x00".join([VERSION.encode(), kid.encode(), account.encode("utf-8")])
 
 
-def seal(keys: Keyring, account: str, token: TokenSet, provider: str, now: float) -> bytes:
+def seal(keys: Keyring, account: str, token: TokenSet, provider: str, now: float, flow: str = "") -> bytes:
     """One record line."""
     kid = keys.current
     key = keys.key(kid)
     assert key is not None
-    doc = {"account": account, "provider": provider, "stored_at": now, "token": token.to_json()}
+    doc = {"account": account, "provider": provider, "flow": flow, "stored_at": now, "token": token.to_json()}
     nonce = secrets.token_bytes(NONCE_BYTES)
     sealed = AESGCM(key).encrypt(nonce, json.dumps(doc).encode(), _associated(kid, account))
     return f"{VERSION}.{kid}.{_b64e(nonce)}.{_b64e(sealed)}\n".encode()
@@ -248,9 +249,12 @@ def unseal(keys: Keyring, account: str, record: bytes) -> StoredToken:
         if doc["account"] != account:  # already bound by the associated data; checked again for clarity
             raise ValueError("account")
         stored_at = doc["stored_at"]
+        flow = doc.get("flow", "")
         if not isinstance(stored_at, int | float) or not isinstance(doc["provider"], str):
             raise ValueError("fields")
-        return StoredToken(TokenSet.from_json(doc["token"]), doc["provider"], float(stored_at), kid)
+        if not isinstance(flow, str):
+            raise ValueError("flow")
+        return StoredToken(TokenSet.from_json(doc["token"]), doc["provider"], float(stored_at), kid, flow)
     except (ValueError, KeyError, TypeError):
         raise RecordError(f"the token record of {account!r} decrypts to something unexpected") from None
 
@@ -300,12 +304,12 @@ class TokenVault:
             raise RecordError(f"the token record of {account!r} is too large")
         return unseal(self.keys, account, data)
 
-    def store_sync(self, account: str, token: TokenSet, provider: str = "") -> None:
+    def store_sync(self, account: str, token: TokenSet, provider: str = "", flow: str = "") -> None:
         """Replace the account's record, atomically and durably."""
         make_private_dir(self.directory)
         base = self._base(account)
         self._sweep(base)
-        record = seal(self.keys, account, token, provider, self._clock())
+        record = seal(self.keys, account, token, provider, self._clock(), flow)
         tmp = self.directory / f".{base}.{secrets.token_hex(6)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -333,7 +337,7 @@ class TokenVault:
         stored = self.load_sync(account)
         if stored is None or stored.kid == self.keys.current:
             return False
-        self.store_sync(account, stored.token, stored.provider)
+        self.store_sync(account, stored.token, stored.provider, stored.flow)
         return True
 
     def _sweep(self, base: str) -> None:
@@ -355,8 +359,8 @@ class TokenVault:
     async def load(self, account: str) -> StoredToken | None:
         return await trio.to_thread.run_sync(self.load_sync, account, limiter=self._io)
 
-    async def store(self, account: str, token: TokenSet, provider: str = "") -> None:
-        await trio.to_thread.run_sync(self.store_sync, account, token, provider, limiter=self._io)
+    async def store(self, account: str, token: TokenSet, provider: str = "", flow: str = "") -> None:
+        await trio.to_thread.run_sync(self.store_sync, account, token, provider, flow, limiter=self._io)
 
     async def delete(self, account: str) -> bool:
         return await trio.to_thread.run_sync(self.delete_sync, account, limiter=self._io)
