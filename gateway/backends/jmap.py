@@ -334,7 +334,7 @@ def jmap_after(since: datetime.date) -> str:
     start = datetime.datetime.combine(since, datetime.time(), tzinfo=datetime.UTC)
     if since > datetime.date.min:
         start -= datetime.timedelta(seconds=1)
-    return start.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return start.isoformat().replace("+00:00", "Z")  # strftime's %Y does not pad year 1 to 0001
 
 
 def _safe(url: str) -> str:
@@ -720,6 +720,8 @@ class JmapBackend:
         while True:
             start = len(seen)
             pages = 1 if total is None else max(1, min(per_request, -(-(total - start) // limit)))
+            if cap is not None:  # no page past the newest N
+                pages = max(1, min(pages, -(-(cap - len(records)) // limit)))
             request = jmap.Request()
             calls = []
             for n in range(pages):
