@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import AsyncIterator, Callable
+import re
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -16,6 +18,9 @@ from gateway.backends.base import AuthFailed, PasswordLogin, TempFailure, TokenL
 from gateway.backends.jmap import JmapBackend, JmapSettings, jmap_after
 from gateway.proto import jmap
 from tests.proto.test_jmap import FakeJmap
+from tests.realservers.cyrus import Cyrus
+from tests.realservers.dovecot import MailUser
+from tests.realservers.rawimap import append_messages
 
 TOKEN = "per-login.access-token_~+/="
 
@@ -136,8 +141,8 @@ async def test_the_token_is_in_no_log_line_or_repr(
 # -- the visibility window
 
 
-def test_after_is_the_second_before_midnight_utc() -> None:
-    assert jmap_after(datetime.date(2024, 2, 1)) == "2024-01-31T23:59:59Z"
+def test_after_is_midnight_utc() -> None:
+    assert jmap_after(datetime.date(2024, 2, 1)) == "2024-02-01T00:00:00Z"
     assert jmap_after(datetime.date.min) == "0001-01-01T00:00:00Z"
 
 
@@ -145,7 +150,7 @@ RECEIVED = [  # added in this order; receivedAt order is 2, 4, 1, 3, 5 (by n)
     (1, "2024-03-01T08:00:00Z"),
     (2, "2019-06-15T08:00:00Z"),
     (3, "2024-05-01T08:00:00Z"),
-    (4, "2024-02-01T00:00:00Z"),  # exactly midnight on the since day: inside
+    (4, "2024-02-01T00:00:00Z"),  # exactly midnight: the fake's `after` is strict, as RFC 8621 says
     (5, "2024-06-01T08:00:00Z"),
 ]
 
@@ -164,8 +169,8 @@ async def listed(backend: JmapBackend) -> list[str]:
     ("window", "expected"),
     [
         ({}, [2, 4, 1, 3, 5]),
-        ({"since": datetime.date(2024, 2, 1)}, [4, 1, 3, 5]),
-        ({"since": datetime.date(2024, 2, 2)}, [1, 3, 5]),
+        ({"since": datetime.date(2024, 2, 1)}, [1, 3, 5]),
+        ({"since": datetime.date(2024, 1, 31)}, [4, 1, 3, 5]),
         ({"newest": 2}, [3, 5]),
         ({"newest": 9}, [2, 4, 1, 3, 5]),
         ({"since": datetime.date(2020, 1, 1), "newest": 3}, [1, 3, 5]),
@@ -183,7 +188,7 @@ async def test_the_window_filter_and_sort_go_to_the_server(
 ) -> None:
     await listed(make(since=datetime.date(2024, 2, 1), newest=2, page_size=50))
     [query] = [args for calls in fake.api_calls for name, args, _ in calls if name == "Email/query"]
-    assert query["filter"] == {"inMailbox": "inbox1", "after": "2024-01-31T23:59:59Z"}
+    assert query["filter"] == {"inMailbox": "inbox1", "after": "2024-02-01T00:00:00Z"}
     assert query["sort"][0] == {"property": "receivedAt", "isAscending": False}
     assert query["limit"] == 2  # no more than the window needs
 
@@ -208,3 +213,76 @@ async def test_window_deletions_map_to_the_filtered_snapshot(
 def test_newest_must_be_positive() -> None:
     with pytest.raises(ValueError, match="newest"):
         JmapSettings.from_url("jmap+https://h/", newest=0)
+
+
+# -- the window against real Cyrus (JMAP receivedAt is the IMAP internal date of the APPEND)
+
+CYRUS_DATES = ["01-Mar-2024 08:00:00 +0000", "15-Jun-2019 08:00:00 +0000", "01-Feb-2024 00:00:00 +0000"]
+CYRUS_DATES += ["31-Jan-2024 23:59:59 +0000", "01-Jun-2024 08:00:00 +0000"]
+
+
+@pytest.fixture
+def cyrus_dated(cyrus: Cyrus, request: pytest.FixtureRequest) -> tuple[MailUser, dict[int, bytes]]:
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:24].strip("-")
+    user = MailUser(f"jw{secrets.token_hex(3)}-{slug}", secrets.token_hex(8))
+    cyrus.add_user(user.name, user.password)
+    dates = iter(CYRUS_DATES)
+    messages = {n: message(100 + n) for n in range(1, 6)}
+    append_messages(
+        cyrus.host,
+        cyrus.imap_port,
+        user.name,
+        user.password,
+        list(messages.values()),
+        "INBOX",
+        exists_marker=b"already exists",
+        date=lambda: next(dates).encode(),
+    )
+    return user, messages
+
+
+async def cyrus_subjects(backend: JmapBackend, user: MailUser, delete: Sequence[int] = ()) -> list[bytes]:
+    async with backend.open_maildrop(PasswordLogin(user.name, user.password)) as drop:
+        heads = []
+        for i in range(len(drop.entries)):
+            raw = b"".join([chunk async for chunk in drop.stream(i)])
+            heads.append(raw.split(b"\r\n", 1)[0])
+        await drop.apply_deletions(delete)
+        return heads
+
+
+@pytest.mark.parametrize(
+    ("window", "expected"),
+    [
+        ({}, [2, 4, 3, 1, 5]),  # by receivedAt
+        # Cyrus's `after` includes the instant: midnight on the day is in, the second before is not
+        ({"since": datetime.date(2024, 2, 1)}, [3, 1, 5]),
+        ({"newest": 2}, [1, 5]),
+        ({"since": datetime.date(2024, 1, 1), "newest": 3}, [3, 1, 5]),
+        ({"since": datetime.date(2030, 1, 1)}, []),
+    ],
+)
+async def test_the_window_on_real_cyrus(
+    cyrus: Cyrus, cyrus_dated: tuple[MailUser, dict[int, bytes]], window: dict[str, Any], expected: list[int]
+) -> None:
+    user, _ = cyrus_dated
+    backend = JmapBackend(JmapSettings.from_url(cyrus.jmap_url, timeout=10.0, **window))
+    try:
+        assert await cyrus_subjects(backend, user) == [b"Subject: m%d" % (100 + n) for n in expected]
+    finally:
+        await backend.aclose()
+
+
+async def test_window_deletions_on_real_cyrus_take_only_listed_messages(
+    cyrus: Cyrus, cyrus_dated: tuple[MailUser, dict[int, bytes]]
+) -> None:
+    user, _ = cyrus_dated
+    windowed = JmapBackend(JmapSettings.from_url(cyrus.jmap_url, timeout=10.0, newest=2))
+    everything = JmapBackend(JmapSettings.from_url(cyrus.jmap_url, timeout=10.0))
+    try:
+        assert await cyrus_subjects(windowed, user, delete=[0]) == [b"Subject: m101", b"Subject: m105"]
+        left = await cyrus_subjects(everything, user)
+        assert left == [b"Subject: m%d" % (100 + n) for n in (2, 4, 3, 5)]
+    finally:
+        await windowed.aclose()
+        await everything.aclose()

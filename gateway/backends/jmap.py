@@ -114,7 +114,8 @@ class JmapSettings:
     page_size: int = DEFAULT_PAGE_SIZE
     allowed_origins: tuple[str, ...] = ()  # origins besides the session URL's that may get credentials
     token_accounts: tuple[str, ...] = ()  # with a token: POP3USER=ACCOUNTID lines
-    # The visibility window (a mapped account's): only Emails received on or after ``since`` (00:00 UTC),
+    # The visibility window (a mapped account's): only Emails received on or after ``since`` (00:00 UTC;
+    # see jmap_after),
     # then only the newest N of those by receivedAt. Deletion indexes refer to this filtered snapshot.
     since: datetime.date | None = None
     newest: int | None = None
@@ -329,11 +330,10 @@ class _Body:
 
 
 def jmap_after(since: datetime.date) -> str:
-    """The Email/query ``after`` UTCDate for "received on or after ``since``, 00:00 UTC": ``after`` is
-    strict (RFC 8621 4.4.1) and receivedAt has whole seconds, so the second before midnight."""
+    """The Email/query ``after`` UTCDate for "received on or after ``since``": 00:00 UTC of that day.
+    RFC 8621 4.4.1 calls ``after`` strict; Cyrus 3.6 includes the instant itself (checked by the tests),
+    so there midnight is in, and on a strict server a message received exactly at 00:00:00 is left out."""
     start = datetime.datetime.combine(since, datetime.time(), tzinfo=datetime.UTC)
-    if since > datetime.date.min:
-        start -= datetime.timedelta(seconds=1)
     return start.isoformat().replace("+00:00", "Z")  # strftime's %Y does not pad year 1 to 0001
 
 
