@@ -4,13 +4,17 @@
   first byte). Certificates are verified unless ``insecure`` is set; ``ca_file`` adds a trust anchor.
 - Login: the POP3 credentials are passed through, with LOGIN, or AUTHENTICATE PLAIN when the server
   disabled LOGIN. The sans-IO encoder turns them into quoted strings or literals, so no byte of them can
-  become a command. ID is sent when offered.
+  become a command. ID is sent when offered. A ``TokenLogin`` (a mapped account's OAuth2 token) is
+  ``AUTHENTICATE OAUTHBEARER`` or ``XOAUTH2`` (``ImapConnection.authenticate_token``): SASL-IR when
+  offered, the error challenge answered with the dummy response, the NO raised as TokenRejected.
 - Identity: IMAP names no canonical user (Dovecot 2.3 and Cyrus 3.6 answer LOGIN, ID and NAMESPACE
   without it), so the maildrop's ``identity`` is the typed name normalised by ``settings.identity``.
 - Snapshot: SELECT, then ONE ``UID FETCH 1:* (UID RFC822.SIZE)``: the round trips do not grow with the
-  mailbox. Ordered by UID. UIDLs are Dovecot's default: ``%08x`` UID + ``%08x`` UIDVALIDITY. A UID or
-  UIDVALIDITY outside 1..2**32-1 is a malformed upstream (TempFailure at login). The store key is the
-  EMAILID (OBJECTID) when there is one, unique per snapshot (``_emailid_keys``), else UIDVALIDITY+UID.
+  mailbox. Ordered by UID. A visibility window (``since``/``newest``) first narrows the UIDs with
+  ``UID SEARCH`` over bounded ranges (``_search_window``), or takes the last N by number. UIDLs are
+  Dovecot's default: ``%08x`` UID + ``%08x`` UIDVALIDITY. A UID or UIDVALIDITY outside 1..2**32-1 is a
+  malformed upstream (TempFailure at login). The store key is the EMAILID (OBJECTID) when there is one,
+  unique per snapshot (``_emailid_keys``), else UIDVALIDITY+UID.
 - Bounds against a hostile upstream (all TempFailure for that session only): more messages than
   ``max_snapshot_rows``; more untagged responses or octets in one command than its budget
   (``ImapConnection._budget``: grows with the mailbox SELECT reported; requested bodies do not count).

@@ -17,14 +17,17 @@
   the bearer token instead, the POP3 password is checked against the users file (as the maildir backend
   does), and the account is ``jmap.choose_account``'s: the operator's ``token_accounts`` mapping, else
   the one account named exactly like the POP3 user (two are refused as ambiguous), else the primary one
-  when the session's username is the POP3 user. APOP is refused: it cannot be passed through.
+  when the session's username is the POP3 user. APOP is refused: it cannot be passed through. A
+  ``TokenLogin`` (a mapped account) sends its own token as Bearer for that session, with the same account
+  choice for its upstream user name; a 401 at login is TokenRejected.
 - Identity: the maildrop's ``identity`` is the mail accountId the session gave, so every spelling of a
   user name the upstream accepts (Cyrus lowercases ``ALICE``) is one account for locks and UIDLs.
 - Snapshot: Mailbox/get finds the folder (``INBOX`` = role inbox, else a name or ``A/B`` path), then
   Email/query pages (``position`` + ``limit``, oldest ``receivedAt`` first), each followed in the same
   request by an Email/get of ``id``, ``blobId`` and ``size`` through a back-reference; a page never
   exceeds the server's ``maxObjectsInGet``, and several pages share one request up to
-  ``maxCallsInRequest``. If the query state changes between requests the snapshot starts again.
+  ``maxCallsInRequest``. If the query state changes between requests the snapshot starts again. A window:
+  ``since`` adds an ``after`` condition, ``newest`` queries newest first and stops at N.
   The UIDL proposal is ``jmap.uidl_for(Email id)``; Email ids are immutable (Cyrus: a SHA-1 of the bytes).
 - RETR/TOP stream the blob download in bounded chunks. A Content-Length other than the size the snapshot
   saw is SizeChanged before the first byte; a connection that dies mid-body is TempFailure (never a clean
