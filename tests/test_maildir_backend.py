@@ -24,6 +24,8 @@ from gateway.backends.base import (
     MessageGone,
     PasswordLogin,
     TempFailure,
+    TokenLogin,
+    TokenRejected,
 )
 from gateway.backends.maildir import CHUNK_SIZE, MaildirBackend
 
@@ -155,6 +157,14 @@ async def test_apop_with_the_shared_secret_logs_in(backend: MaildirBackend, root
     deliver(root, "1.a", b"x\r\n")
     async with backend.open_maildrop(ApopLogin("alice", TS, apop("tanstaaf"))) as drop:
         assert len(drop.entries) == 1
+
+
+async def test_a_token_login_is_refused_as_bad_credentials(backend: MaildirBackend, root: Path) -> None:
+    deliver(root, "1.a", b"x\r\n")
+    with pytest.raises(AuthFailed, match="token") as refused:
+        async with backend.open_maildrop(TokenLogin("alice", "tok")):
+            pass
+    assert not isinstance(refused.value, TokenRejected)  # nothing to refresh: the maildir has no tokens
 
 
 async def test_apop_accepts_an_uppercase_digest(backend: MaildirBackend) -> None:

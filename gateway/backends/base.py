@@ -30,7 +30,7 @@ from typing import NamedTuple, Protocol
 
 import trio
 
-from gateway.proto.logins import ApopLogin, Login, PasswordLogin
+from gateway.proto.logins import ApopLogin, Login, PasswordLogin, TokenLogin
 
 __all__ = [
     "ApopLogin",
@@ -47,6 +47,8 @@ __all__ = [
     "PermFailure",
     "SizeChanged",
     "TempFailure",
+    "TokenLogin",
+    "TokenRejected",
     "tcp_probe",
 ]
 
@@ -78,6 +80,17 @@ class AuthFailed(BackendError):
 class ApopUnavailable(AuthFailed):
     """APOP for an account that has no APOP secret (or a backend that cannot check APOP): it can never
     succeed, so the login gate does not count it as a guess."""
+
+
+class TokenRejected(AuthFailed):
+    """The upstream refused the token itself (a ``TokenLogin``): expired, revoked, or lacking the scope.
+    A caller holding a refresh token may refresh once and retry; a second refusal is a plain AuthFailed
+    for the client. ``status`` is the upstream's reason where it gave one (RFC 7628's ``invalid_token``,
+    ``insufficient_scope``; XOAUTH2's ``401``/``400``; JMAP's ``401``), never any part of the token."""
+
+    def __init__(self, message: str, *, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class TempFailure(BackendError):

@@ -4,13 +4,17 @@
   first byte). Certificates are verified unless ``insecure`` is set; ``ca_file`` adds a trust anchor.
 - Login: the POP3 credentials are passed through, with LOGIN, or AUTHENTICATE PLAIN when the server
   disabled LOGIN. The sans-IO encoder turns them into quoted strings or literals, so no byte of them can
-  become a command. ID is sent when offered.
+  become a command. ID is sent when offered. A ``TokenLogin`` (a mapped account's OAuth2 token) is
+  ``AUTHENTICATE OAUTHBEARER`` or ``XOAUTH2`` (``ImapConnection.authenticate_token``): SASL-IR when
+  offered, the error challenge answered with the dummy response, the NO raised as TokenRejected.
 - Identity: IMAP names no canonical user (Dovecot 2.3 and Cyrus 3.6 answer LOGIN, ID and NAMESPACE
   without it), so the maildrop's ``identity`` is the typed name normalised by ``settings.identity``.
 - Snapshot: SELECT, then ONE ``UID FETCH 1:* (UID RFC822.SIZE)``: the round trips do not grow with the
-  mailbox. Ordered by UID. UIDLs are Dovecot's default: ``%08x`` UID + ``%08x`` UIDVALIDITY. A UID or
-  UIDVALIDITY outside 1..2**32-1 is a malformed upstream (TempFailure at login). The store key is the
-  EMAILID (OBJECTID) when there is one, unique per snapshot (``_emailid_keys``), else UIDVALIDITY+UID.
+  mailbox. Ordered by UID. A visibility window (``since``/``newest``) first narrows the UIDs with
+  ``UID SEARCH`` over bounded ranges (``_search_window``), or takes the last N by number. UIDLs are
+  Dovecot's default: ``%08x`` UID + ``%08x`` UIDVALIDITY. A UID or UIDVALIDITY outside 1..2**32-1 is a
+  malformed upstream (TempFailure at login). The store key is the EMAILID (OBJECTID) when there is one,
+  unique per snapshot (``_emailid_keys``), else UIDVALIDITY+UID.
 - Bounds against a hostile upstream (all TempFailure for that session only): more messages than
   ``max_snapshot_rows``; more untagged responses or octets in one command than its budget
   (``ImapConnection._budget``: grows with the mailbox SELECT reported; requested bodies do not count).
@@ -37,6 +41,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import datetime
 import logging
 import ssl
 import urllib.parse
@@ -57,13 +62,17 @@ from gateway.backends.base import (
     PermFailure,
     SizeChanged,
     TempFailure,
+    TokenLogin,
+    TokenRejected,
     tcp_probe,
 )
 from gateway.backends.readahead import ReadAhead, chunks
 from gateway.config import EXPUNGE, DeletePolicy, TlsMode
 from gateway.identity import DEFAULT_POLICY, IdentityPolicy, normalize
+from gateway.oauth2 import sasl
 from gateway.proto import imap
 from gateway.proto import uidl as rules
+from gateway.proto.logins import TokenMechanism
 
 log = logging.getLogger("gateway.imap")
 
@@ -77,6 +86,9 @@ TOP_MAX_RANGE = 4 * 1024 * 1024
 LOGOUT_SECONDS = 2.0
 MAX_USERNAME_OCTETS = 256
 MAX_PASSWORD_OCTETS = 1024
+# An access token, before base64 and the SASL framing: Microsoft's JWTs with many claims reach a few KiB.
+# The AUTHENTICATE line stays under 16 KiB, which Dovecot's and Cyrus's pre-login limits take.
+MAX_TOKEN_OCTETS = 8 * 1024
 MAX_SIZE_FIXES = 100_000
 ENTRIES_CACHE_MESSAGES = 500_000  # snapshot entries kept for the next login (~100 B each)
 DEFAULT_MAX_SNAPSHOT_ROWS = 500_000  # upstream.max_snapshot_rows: messages one snapshot may hold
@@ -87,7 +99,10 @@ UNTAGGED_BASE_EVENTS = 10_000
 UNTAGGED_EVENTS_PER_MESSAGE = 2
 UNTAGGED_BASE_OCTETS = 16 * 1024 * 1024
 UNTAGGED_OCTETS_PER_MESSAGE = 1024
-MAX_COPIED_MEMORY = 100_000  # (mailbox, UIDVALIDITY, UID, target) copies remembered across retries
+MAX_COPIED_MEMORY = 100_000
+# Message numbers per window UID SEARCH: the answer (up to 11 octets a UID) stays under the parser's
+# 64 KiB line and 20,000-item caps.
+SEARCH_CHUNK = 4000  # (mailbox, UIDVALIDITY, UID, target) copies remembered across retries
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,9 +122,16 @@ class ImapSettings:
     # and the EXPUNGE. Off: deletions that need it are refused with [SYS/TEMP]. On: for mailboxes that
     # only the gateway changes.
     expunge_without_uidplus: bool = False
+    # The visibility window (a mapped account's): only messages whose internal date is on or after
+    # ``since`` (IMAP SEARCH SINCE: the date part, in the date's own zone), then only the newest N of
+    # those by UID. Entries keep their order; deletion indexes refer to this filtered snapshot.
+    since: datetime.date | None = None
+    newest: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delete_policy", DeletePolicy.of(self.delete_policy))
+        if self.newest is not None and self.newest < 1:
+            raise ValueError("newest must be at least 1")
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> ImapSettings:
@@ -136,6 +158,16 @@ class Snapshot:
     tagged: imap.Tagged
     rows: list[tuple[int, int]]
     emailids: dict[int, str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenOutcome:
+    """How an ``AUTHENTICATE`` with a token ended: the tagged reply, and the error challenge the server
+    sent before it (None when it sent none, or ``malformed`` when it sent one that did not parse)."""
+
+    tagged: imap.Tagged
+    challenge: sasl.Challenge | None = None
+    malformed: bool = False
 
 
 def _body_base(item: str) -> str:
@@ -349,6 +381,55 @@ class ImapConnection:
                 await self.stream.send_all(self.client.authenticate_response(payload))
             return await self._finish(tag)
 
+    async def authenticate_token(self, response: sasl.InitialResponse) -> TokenOutcome:
+        """``AUTHENTICATE XOAUTH2|OAUTHBEARER``: the initial response as the SASL-IR argument when the
+        server offers SASL-IR, else after its ``+``. A ``+`` after the payload is the error challenge
+        (RFC 7628 3.2.3): answered with the dummy response the mechanism needs, so the server ends with
+        its tagged NO; a challenge that does not parse is cancelled (``*``). At most those two steps: a
+        server that goes on challenging breaks the connection. The payload leaves only as bytes on the
+        wire: no log line, exception or repr here shows it."""
+        mechanism = response.mechanism
+        async with self._exchange():
+            await self._drain_unfinished()
+            if "SASL-IR" in self.client.capabilities:
+                tag, data = self.client.send_command(
+                    f"AUTHENTICATE {mechanism}", imap.Atom(response.b64().decode("ascii"))
+                )
+                await self.stream.send_all(data)
+            else:
+                tag, data = self.client.send_command(f"AUTHENTICATE {mechanism}")
+                await self.stream.send_all(data)
+                step = await self._auth_step(tag)
+                if isinstance(step, imap.Tagged):
+                    return TokenOutcome(step)
+                # the initial "+" carries nothing for these mechanisms; whatever it holds, the parser has
+                # already bounded it (max_line_length) and it is not looked at
+                await self.stream.send_all(self.client.authenticate_response(response.b64()))
+            step = await self._auth_step(tag)
+            if isinstance(step, imap.Tagged):
+                return TokenOutcome(step)
+            challenge: sasl.Challenge | None = None
+            try:
+                challenge = sasl.parse_challenge(step.data)
+            except sasl.SaslError:
+                await self.stream.send_all(self.client.authenticate_response(b"*"))
+            else:
+                await self.stream.send_all(self.client.authenticate_response(sasl.ERROR_ACK[mechanism]))
+            step = await self._auth_step(tag)
+            if isinstance(step, imap.Tagged):
+                return TokenOutcome(step, challenge, malformed=challenge is None)
+            raise _Broken("upstream sent a second AUTHENTICATE challenge after the error challenge")
+
+    async def _auth_step(self, tag: str) -> imap.Tagged | imap.Continuation:
+        """The next ``+`` or the tagged reply of an AUTHENTICATE; untagged responses in between are
+        dropped (and spend the untagged budget, as in any command)."""
+        while True:
+            event = await self._event()
+            if isinstance(event, imap.Continuation):
+                return event
+            if isinstance(event, imap.Tagged) and event.tag == tag:
+                return event
+
     async def fetch_body(
         self, uid: int, section: str, expect_size: int | None = None
     ) -> AsyncGenerator[bytes, None]:
@@ -390,7 +471,9 @@ class ImapConnection:
                     case _:
                         pass
 
-    async def fetch_snapshot(self, items: str, *, hide: str | None, max_rows: int) -> Snapshot:
+    async def fetch_snapshot(
+        self, items: str, *, hide: str | None, max_rows: int, command: str = "UID FETCH", which: str = "1:*"
+    ) -> Snapshot:
         """``UID FETCH 1:* items``: plain (UID, RFC822.SIZE) lines through the parser's fast path, the
         others (FLAGS, EMAILID) one event at a time. One round trip whatever the mailbox size. Nothing but
         the rows is kept: more than ``max_rows`` of them is TempFailure, and the untagged budget bounds
@@ -407,7 +490,7 @@ class ImapConnection:
 
         async with self._exchange():
             await self._drain_unfinished()
-            tag, data = self.client.send_command("UID FETCH", imap.Atom("1:*"), imap.Raw(items))
+            tag, data = self.client.send_command(command, imap.Atom(which), imap.Raw(items))
             await self.stream.send_all(data)
             while True:
                 plain = self.client.next_size_fetches()
@@ -754,6 +837,22 @@ def _emailid_keys(emailids: dict[int, str], uidvalidity: int) -> dict[int, str]:
     return keys
 
 
+def token_mechanism(wanted: TokenMechanism, caps: frozenset[str]) -> sasl.Mechanism:
+    """The SASL mechanism for a token login: ``auto`` is OAUTHBEARER when advertised, else XOAUTH2.
+    PermFailure when the upstream does not offer the one needed (trying again will not help)."""
+    offered = [m for m in ("OAUTHBEARER", "XOAUTH2") if f"AUTH={m}" in caps]
+    if wanted == "auto":
+        if not offered:
+            raise PermFailure(
+                "the upstream offers neither AUTH=OAUTHBEARER nor AUTH=XOAUTH2 for token logins"
+            )
+        return "OAUTHBEARER" if "OAUTHBEARER" in offered else "XOAUTH2"
+    mechanism: sasl.Mechanism = "OAUTHBEARER" if wanted == "oauthbearer" else "XOAUTH2"
+    if mechanism not in offered:
+        raise PermFailure(f"the upstream does not offer AUTH={mechanism} (offered: {offered or 'none'})")
+    return mechanism
+
+
 class ImapBackend:
     name = "imap"
 
@@ -782,15 +881,17 @@ class ImapBackend:
     async def open_maildrop(self, login: Login) -> AsyncIterator[ImapMaildrop]:
         if isinstance(login, ApopLogin):
             raise ApopUnavailable("APOP cannot be passed through to IMAP")
-        if (
-            len(login.username.encode()) > MAX_USERNAME_OCTETS
-            or len(login.password.encode()) > MAX_PASSWORD_OCTETS
-        ):
+        secret = login.token if isinstance(login, TokenLogin) else login.password
+        limit = MAX_TOKEN_OCTETS if isinstance(login, TokenLogin) else MAX_PASSWORD_OCTETS
+        if len(login.username.encode()) > MAX_USERNAME_OCTETS or len(secret.encode()) > limit:
             # IMAP servers cap pre-login input (Dovecot answers BYE): refuse here, as bad credentials.
             raise AuthFailed("credentials too long to pass through")
         conn = await ImapConnection.connect(self.settings, self._tls)
         try:
-            await self._login(conn, login.username, login.password)
+            if isinstance(login, TokenLogin):
+                await self._login_token(conn, login)
+            else:
+                await self._login(conn, login.username, login.password)
             drop = await self._snapshot(conn, normalize(login.username, self.settings.identity))
             yield drop
         finally:
@@ -812,11 +913,46 @@ class ImapBackend:
             if code in ("UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT"):
                 raise TempFailure(f"upstream login unavailable: [{code}] {tagged.text}")
             raise AuthFailed(f"upstream refused the login: [{code}] {tagged.text}")
+        await self._after_login(conn, tagged)
+
+    async def _after_login(self, conn: ImapConnection, tagged: imap.Tagged) -> None:
+        """The capabilities change at login (RFC 9051 6.2.3): read them again unless the OK carried them."""
         if not tagged.code or tagged.code.name != "CAPABILITY":
             await conn.command("CAPABILITY")
         if "ID" in conn.client.capabilities:
             await conn.command("ID", ["name", "pop3-gateway", "version", __version__])
         self._warn_without_uidplus(conn.client.capabilities)
+
+    async def _login_token(self, conn: ImapConnection, login: TokenLogin) -> None:
+        """``AUTHENTICATE OAUTHBEARER`` (RFC 7628) or ``XOAUTH2`` with the token; the user name is the
+        upstream identity (OAUTHBEARER's authzid, XOAUTH2's ``user=``), which may be a shared mailbox the
+        token's subject may open. A refusal is TokenRejected (the caller may refresh once and retry)."""
+        mechanism = token_mechanism(login.mechanism, conn.client.capabilities)
+        try:
+            if mechanism == "OAUTHBEARER":
+                response = sasl.oauthbearer(
+                    login.token, authzid=login.username, host=self.settings.host, port=self.settings.port
+                )
+            else:
+                response = sasl.xoauth2(login.username, login.token)
+        except sasl.SaslError as exc:
+            raise AuthFailed(f"cannot send this token login to IMAP: {exc}") from None  # names no token
+        outcome = await conn.authenticate_token(response)
+        tagged = outcome.tagged
+        if tagged.condition is not imap.Condition.OK:
+            code = tagged.code.name if tagged.code else ""
+            if code in ("UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT"):
+                raise TempFailure(f"upstream {mechanism} login unavailable: [{code}] {tagged.text}")
+            if outcome.malformed:
+                raise AuthFailed(f"upstream {mechanism}: a malformed error challenge, cancelled: [{code}]")
+            if tagged.condition is imap.Condition.BAD:
+                raise AuthFailed(f"upstream {mechanism}: BAD [{code}] {tagged.text}")
+            status = outcome.challenge.status if outcome.challenge is not None else None
+            reason = f" (status {status})" if status else ""
+            raise TokenRejected(
+                f"upstream refused the {mechanism} token{reason}: [{code}] {tagged.text}", status=status
+            )
+        await self._after_login(conn, tagged)
 
     def _warn_without_uidplus(self, caps: frozenset[str]) -> None:
         """Once per backend: deletions this upstream cannot do safely will be refused at QUIT."""
@@ -872,13 +1008,31 @@ class ImapBackend:
         rows: list[tuple[int, int]] = []
         emailids: dict[int, str] = {}
         objectid = "OBJECTID" in conn.client.capabilities
-        if exists:
+        since, newest = self.settings.since, self.settings.newest
+        wanted: set[int] | None = None  # with a window: the UIDs it lets through (None: all)
+        command, which = "UID FETCH", "1:*"
+        if exists and since is None and newest is not None and hide is None:
+            command, which = "FETCH", f"{max(1, exists - newest + 1)}:*"  # the newest N by number
+        elif exists and (since is not None or newest is not None):
+            found = await self._search_window(conn, exists, hide)
+            wanted = set(found)
+            which = f"{found[0]}:*" if found else ""  # one FETCH from the oldest wanted UID up, filtered
+        if exists and which:
             items = "(UID RFC822.SIZE" + (" FLAGS" if hide else "") + (" EMAILID" if objectid else "") + ")"
-            snap = await conn.fetch_snapshot(items, hide=hide, max_rows=max_rows)
+            snap = await conn.fetch_snapshot(
+                items, hide=hide, max_rows=max_rows, command=command, which=which
+            )
             if snap.tagged.condition is not imap.Condition.OK:
                 raise TempFailure(f"snapshot fetch failed: {snap.tagged.text}")
             rows, emailids = snap.rows, snap.emailids
         rows = sorted(dict(rows).items())
+        if wanted is not None:
+            rows = [row for row in rows if row[0] in wanted]
+        if newest is not None:
+            rows = rows[-newest:]
+        if wanted is not None or newest is not None:
+            kept = {uid for uid, _ in rows}
+            emailids = {uid: e for uid, e in emailids.items() if uid in kept}
         fix_key = self.lock_key(identity)
         fixes = self._size_fixes
         uids = [uid for uid, _ in rows]
@@ -911,5 +1065,47 @@ class ImapBackend:
             cached_messages -= len(dropped)
         return ImapMaildrop(conn, self.settings, entries, uids, fixes, fix_key, identity, self._copied)
 
+    async def _search_window(self, conn: ImapConnection, exists: int, hide: str | None) -> list[int]:
+        """The UIDs the visibility window lets through, ascending: ``UID SEARCH <lo:hi> [NOT KEYWORD k]
+        [SINCE date]`` over ranges of SEARCH_CHUNK message numbers, newest range first, so that every
+        answer stays a short line (the parser caps lines and items) and ``newest`` stops the search as
+        soon as it has its N."""
+        criteria: list[imap.Arg] = []
+        if hide is not None:
+            criteria += [
+                imap.Atom("NOT"),
+                imap.Atom("KEYWORD"),
+                imap.Atom(self.settings.delete_policy.target),
+            ]
+        if self.settings.since is not None:
+            criteria += [imap.Atom("SINCE"), imap.Atom(imap_date(self.settings.since))]
+        newest, max_rows = self.settings.newest, self.settings.max_snapshot_rows
+        found: set[int] = set()
+
+        def collect(event: imap.Event) -> None:
+            if isinstance(event, imap.Search):
+                found.update(event.numbers)
+                if len(found) > max_rows:
+                    raise TempFailure(f"the window holds more than upstream.max_snapshot_rows={max_rows}")
+
+        high = exists
+        while high >= 1 and (newest is None or len(found) < newest):
+            low = max(1, high - SEARCH_CHUNK + 1)
+            tagged = await conn.command(
+                "UID SEARCH", imap.Atom(f"{low}:{high}"), *criteria, on_untagged=collect
+            )
+            if tagged.condition is not imap.Condition.OK:
+                raise TempFailure(f"window search failed: {tagged.condition.value} {tagged.text}")
+            high = low - 1
+        return sorted(found)
+
     async def aclose(self) -> None:
         pass
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def imap_date(day: datetime.date) -> str:
+    """RFC 3501 ``date`` (``1-Feb-2024``), in English whatever the locale."""
+    return f"{day.day}-{_MONTHS[day.month - 1]}-{day.year:04d}"

@@ -17,14 +17,17 @@
   the bearer token instead, the POP3 password is checked against the users file (as the maildir backend
   does), and the account is ``jmap.choose_account``'s: the operator's ``token_accounts`` mapping, else
   the one account named exactly like the POP3 user (two are refused as ambiguous), else the primary one
-  when the session's username is the POP3 user. APOP is refused: it cannot be passed through.
+  when the session's username is the POP3 user. APOP is refused: it cannot be passed through. A
+  ``TokenLogin`` (a mapped account) sends its own token as Bearer for that session, with the same account
+  choice for its upstream user name; a 401 at login is TokenRejected.
 - Identity: the maildrop's ``identity`` is the mail accountId the session gave, so every spelling of a
   user name the upstream accepts (Cyrus lowercases ``ALICE``) is one account for locks and UIDLs.
 - Snapshot: Mailbox/get finds the folder (``INBOX`` = role inbox, else a name or ``A/B`` path), then
   Email/query pages (``position`` + ``limit``, oldest ``receivedAt`` first), each followed in the same
   request by an Email/get of ``id``, ``blobId`` and ``size`` through a back-reference; a page never
   exceeds the server's ``maxObjectsInGet``, and several pages share one request up to
-  ``maxCallsInRequest``. If the query state changes between requests the snapshot starts again.
+  ``maxCallsInRequest``. If the query state changes between requests the snapshot starts again. A window:
+  ``since`` adds an ``after`` condition, ``newest`` queries newest first and stops at N.
   The UIDL proposal is ``jmap.uidl_for(Email id)``; Email ids are immutable (Cyrus: a SHA-1 of the bytes).
 - RETR/TOP stream the blob download in bounded chunks. A Content-Length other than the size the snapshot
   saw is SizeChanged before the first byte; a connection that dies mid-body is TempFailure (never a clean
@@ -43,6 +46,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import datetime
 import logging
 import re
 import ssl
@@ -67,6 +71,8 @@ from gateway.backends.base import (
     PermFailure,
     SizeChanged,
     TempFailure,
+    TokenLogin,
+    TokenRejected,
     tcp_probe,
 )
 from gateway.backends.readahead import ReadAhead, chunks
@@ -91,6 +97,7 @@ MAX_PAGES_PER_REQUEST = 16
 SNAPSHOT_ATTEMPTS = 3
 MAX_USERNAME_OCTETS = 256
 MAX_PASSWORD_OCTETS = 1024
+MAX_TOKEN_OCTETS = 8 * 1024  # a login's bearer token (an OAuth2 access token, an API token)
 MAX_SIZE_FIXES = 100_000
 JSON_TYPE = "application/json"
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 b64token
@@ -110,6 +117,11 @@ class JmapSettings:
     page_size: int = DEFAULT_PAGE_SIZE
     allowed_origins: tuple[str, ...] = ()  # origins besides the session URL's that may get credentials
     token_accounts: tuple[str, ...] = ()  # with a token: POP3USER=ACCOUNTID lines
+    # The visibility window (a mapped account's): only Emails received on or after ``since`` (00:00 UTC;
+    # see jmap_after),
+    # then only the newest N of those by receivedAt. Deletion indexes refer to this filtered snapshot.
+    since: datetime.date | None = None
+    newest: int | None = None
     scope: jmap.CredentialScope = dataclasses.field(init=False, repr=False, compare=False)
     account_map: dict[str, str] = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -118,6 +130,8 @@ class JmapSettings:
         object.__setattr__(self, "delete_policy", DeletePolicy.of(self.delete_policy))
         object.__setattr__(self, "scope", jmap.CredentialScope.build(self.session_url, self.allowed_origins))
         object.__setattr__(self, "account_map", jmap.parse_account_map(self.token_accounts))
+        if self.newest is not None and self.newest < 1:
+            raise ValueError("newest must be at least 1")
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> JmapSettings:
@@ -147,12 +161,14 @@ class JmapSettings:
 
 
 class _Credentials:
-    """The Authorization header value, kept out of every repr and log line."""
+    """The Authorization header value, kept out of every repr and log line. ``per_login``: a token the
+    login brought (``TokenLogin``), which a 401 at login refuses as TokenRejected."""
 
-    __slots__ = ("_header",)
+    __slots__ = ("_header", "per_login")
 
-    def __init__(self, header: str) -> None:
+    def __init__(self, header: str, *, per_login: bool = False) -> None:
         self._header = header
+        self.per_login = per_login
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": self._header}
@@ -166,8 +182,8 @@ class _Credentials:
         return cls("Basic " + base64.b64encode(raw).decode("ascii"))
 
     @classmethod
-    def bearer(cls, token: str) -> _Credentials:
-        return cls("Bearer " + token)
+    def bearer(cls, token: str, *, per_login: bool = False) -> _Credentials:
+        return cls("Bearer " + token, per_login=per_login)
 
 
 def client_tls_context(settings: JmapSettings) -> ssl.SSLContext:
@@ -243,9 +259,12 @@ class _Api:
             raise TempFailure(f"{what}: upstream answered {ctype[:60] or 'no content type'!r}, not JSON")
         return await body.read_capped(MAX_JSON_BYTES, what)
 
-    async def fail(self, body: _Body, what: str, *, login: bool) -> NoReturn:
-        """Raise the backend error for a response that is not 200."""
+    async def fail(self, body: _Body, what: str, *, login: bool, token_login: bool = False) -> NoReturn:
+        """Raise the backend error for a response that is not 200. ``token_login``: the credentials are
+        the login's own token, so a 401 at login is TokenRejected (refresh it and try once more)."""
         status = body.response.status_code
+        if status == 401 and login and token_login:
+            raise TokenRejected(f"{what}: upstream refused the login's token (HTTP 401)", status="401")
         if status in (401, 403):
             if login:
                 raise AuthFailed(f"{what}: upstream refused the credentials (HTTP {status})")
@@ -311,6 +330,14 @@ class _Body:
                 with contextlib.suppress(httpx.HTTPError, httpx.StreamError, OSError):
                     async for _ in self._chunks:
                         pass
+
+
+def jmap_after(since: datetime.date) -> str:
+    """The Email/query ``after`` UTCDate for "received on or after ``since``": 00:00 UTC of that day.
+    RFC 8621 4.4.1 calls ``after`` strict; Cyrus 3.6 includes the instant itself (checked by the tests),
+    so there midnight is in, and on a strict server a message received exactly at 00:00:00 is left out."""
+    start = datetime.datetime.combine(since, datetime.time(), tzinfo=datetime.UTC)
+    return start.isoformat().replace("+00:00", "Z")  # strftime's %Y does not pad year 1 to 0001
 
 
 def _safe(url: str) -> str:
@@ -556,6 +583,16 @@ class JmapBackend:
     async def open_maildrop(self, login: Login) -> AsyncIterator[JmapMaildrop]:
         if isinstance(login, ApopLogin):
             raise ApopUnavailable("APOP cannot be passed through to JMAP")
+        if isinstance(login, TokenLogin):
+            # a per-login token (a mapped account's API or OAuth2 access token), not the configured one
+            user = login.username
+            if len(user.encode()) > MAX_USERNAME_OCTETS or len(login.token.encode()) > MAX_TOKEN_OCTETS:
+                raise AuthFailed("credentials too long to pass through")
+            if not _TOKEN.fullmatch(login.token):
+                raise AuthFailed("the login's token is not a valid bearer token (RFC 6750 b64token)")
+            view = await self._login(_Credentials.bearer(login.token, per_login=True), user)
+            yield await self._snapshot(view)
+            return
         user, password = login.username, login.password
         if len(user.encode()) > MAX_USERNAME_OCTETS or len(password.encode()) > MAX_PASSWORD_OCTETS:
             raise AuthFailed("credentials too long to pass through")
@@ -606,7 +643,7 @@ class JmapBackend:
                     url = target
                     continue
                 if response.status_code != 200:
-                    await self._api.fail(reply, "session discovery", login=True)
+                    await self._api.fail(reply, "session discovery", login=True, token_login=creds.per_login)
                 body = await self._api.json(reply, "session")
                 break
         else:
@@ -615,7 +652,7 @@ class JmapBackend:
             session = jmap.parse_session(body, str(url))
         except jmap.JmapError as exc:
             raise _jmap_failure(exc, "session") from None
-        if self.settings.token:
+        if self.settings.token or creds.per_login:
             try:
                 account = jmap.choose_account(session, user, self.settings.account_map)
             except jmap.NoAccount as exc:
@@ -641,7 +678,7 @@ class JmapBackend:
         api_url = view.session.api_url
         async with self._api.send("POST", api_url, view.creds, content=body, accept=JSON_TYPE) as reply:
             if reply.response.status_code != 200:
-                await self._api.fail(reply, what, login=login)
+                await self._api.fail(reply, what, login=login, token_login=view.creds.per_login)
             data = await self._api.json(reply, what)
         try:
             return jmap.parse_response(data, request)
@@ -659,16 +696,24 @@ class JmapBackend:
             raise _jmap_failure(exc, "Mailbox/get") from None
         if mailbox is None:
             raise PermFailure(f"the upstream has no mailbox {self.settings.folder!r}")
+        newest = self.settings.newest
         for _attempt in range(SNAPSHOT_ATTEMPTS):
             records = await self._list(view, mailbox.id)
             if records is not None:
+                if newest is not None:  # listed newest first, and at most a page more than needed
+                    records = records[:newest][::-1]
                 return JmapMaildrop(self, view, mailbox.id, records)
         raise TempFailure("the mailbox kept changing while its listing was read")
 
     async def _list(self, view: _Account, mailbox_id: str) -> list[jmap.EmailRecord] | None:
-        """Every Email of the mailbox, oldest first; None if it changed between two requests."""
+        """Every Email of the mailbox in the window, oldest first (with ``newest``: newest first, stopping
+        once it has N); None if it changed between two requests."""
         session, account = view.session, view.account
         limit = max(1, min(self.settings.page_size, session.max_objects_in_get))
+        cap = self.settings.newest
+        if cap is not None:
+            limit = min(limit, cap)
+        after = jmap_after(self.settings.since) if self.settings.since is not None else None
         per_request = max(1, min(session.max_calls_in_request // 2, MAX_PAGES_PER_REQUEST))
         sort_by_id = "id" in account.sort_options
         records: list[jmap.EmailRecord] = []
@@ -678,6 +723,8 @@ class JmapBackend:
         while True:
             start = len(seen)
             pages = 1 if total is None else max(1, min(per_request, -(-(total - start) // limit)))
+            if cap is not None:  # no page past the newest N
+                pages = max(1, min(pages, -(-(cap - len(records)) // limit)))
             request = jmap.Request()
             calls = []
             for n in range(pages):
@@ -689,6 +736,8 @@ class JmapBackend:
                     limit=limit,
                     hide_keyword=self.settings.hide_keyword,
                     sort_by_id=sort_by_id,
+                    after=after,
+                    newest_first=cap is not None,
                 )
                 calls.append((query, jmap.email_get(request, account.id, query)))
             response = await self._call(view, request, login=True)
@@ -711,6 +760,8 @@ class JmapBackend:
                         seen.add(email_id)
                         if email_id in found:  # else destroyed between the query and the get
                             records.append(found[email_id])
+                    if cap is not None and len(records) >= cap:
+                        return records
                     if len(page.ids) < limit:
                         if total is None or len(seen) == total:
                             return records

@@ -61,6 +61,7 @@ from gateway.backends.base import (
     NotReachable,
     PasswordLogin,
     TempFailure,
+    TokenLogin,
 )
 from gateway.proto.common import uidl_or_sha1
 
@@ -464,6 +465,8 @@ class MaildirBackend:
                     raise ApopUnavailable(f"maildir: no APOP secret for {login.username!r}")
                 if not ok:
                     raise AuthFailed(f"maildir: wrong APOP digest for {login.username!r}")
+            case TokenLogin():
+                raise AuthFailed("maildir: a token login cannot be checked against the users file")
             case _:
                 assert_never(login)
         return record.name

@@ -453,14 +453,21 @@ def email_query(
     limit: int,
     hide_keyword: str | None = None,
     sort_by_id: bool = False,
+    after: str | None = None,
+    newest_first: bool = False,
 ) -> str:
-    """One page of the mailbox, oldest first (receivedAt ascending; ties by id when the server can)."""
+    """One page of the mailbox, oldest first (receivedAt ascending; ties by id when the server can), or
+    newest first (the exact reverse order, ties included). ``after``: only Emails received after this
+    UTCDate (RFC 8621 4.4.1's ``after`` condition, in the same FilterCondition as ``inMailbox``)."""
     condition: dict[str, Any] = {"inMailbox": mailbox_id}
     if hide_keyword is not None:
         condition["notKeyword"] = hide_keyword
-    sort: list[dict[str, Any]] = [{"property": "receivedAt", "isAscending": True}]
+    if after is not None:
+        condition["after"] = after
+    ascending = not newest_first
+    sort: list[dict[str, Any]] = [{"property": "receivedAt", "isAscending": ascending}]
     if sort_by_id:
-        sort.append({"property": "id", "isAscending": True})
+        sort.append({"property": "id", "isAscending": ascending})
     return request.add(
         "Email/query",
         {

@@ -611,6 +611,7 @@ class FakeEmail:
     raw: bytes
     mailboxes: set[str]
     keywords: set[str] = dataclasses.field(default_factory=set)
+    received: str = "2024-01-01T00:00:00Z"  # receivedAt, a UTCDate (compares as text)
 
     @property
     def blob_id(self) -> str:
@@ -640,8 +641,8 @@ class FakeJmap:
         self.download_hook: Callable[[FakeEmail], httpx.Response | None] | None = None
         self.session_extra: dict[str, Any] = {}
 
-    def add(self, raw: bytes, mailbox: str = "inbox1") -> FakeEmail:
-        email = FakeEmail("M" + hashlib.sha1(raw).hexdigest()[:24], raw, {mailbox})
+    def add(self, raw: bytes, mailbox: str = "inbox1", received: str = "2024-01-01T00:00:00Z") -> FakeEmail:
+        email = FakeEmail("M" + hashlib.sha1(raw).hexdigest()[:24], raw, {mailbox}, received=received)
         self.emails.append(email)
         self.state += 1
         return email
@@ -732,11 +733,17 @@ class FakeJmap:
 
     def _Email_query(self, args: dict[str, Any]) -> dict[str, Any]:
         cond = args["filter"]
-        hits = [
-            e.id
+        found = [
+            e
             for e in self.emails
-            if cond["inMailbox"] in e.mailboxes and cond.get("notKeyword") not in e.keywords
+            if cond["inMailbox"] in e.mailboxes
+            and cond.get("notKeyword") not in e.keywords
+            and ("after" not in cond or e.received > cond["after"])
         ]
+        found.sort(key=lambda e: e.received)  # stable: ties keep the order they were added in
+        if not args["sort"][0]["isAscending"]:
+            found.reverse()
+        hits = [e.id for e in found]
         limit = args["limit"]
         pos = args["position"]
         if self.cap_limit is not None and not (self.cap_after_first and pos == 0):
