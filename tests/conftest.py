@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio.testing
 
+from gateway import accounts
 from tests.realservers import fs
 from tests.realservers.cyrus import Cyrus, start_cyrus
 from tests.realservers.dovecot import (
@@ -69,6 +71,36 @@ def _real_programs_allowed(item: pytest.Item) -> Iterator[None]:
         yield
     finally:
         fs.unmarked_test = None
+
+
+# scrypt cost of the users-file hashes that tests make: N = 2**4 instead of the production 2**14. A production
+# hash costs ~45 ms of CPU; the fast loop makes and checks ~180 of them (8 s of its ~40 s). Verifying reads
+# the cost from the stored hash, so a cheap hash takes the same code path, in-process and in a gateway
+# subprocess.
+TEST_SCRYPT_LN = 4
+
+
+@pytest.fixture(autouse=True)
+def cheap_scrypt(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New hashes (and the unknown-user dummy, which must cost what a real one does) at `TEST_SCRYPT_LN`,
+    unless the test is about the production cost: `@pytest.mark.production_scrypt`."""
+    if request.node.get_closest_marker("production_scrypt") is not None:
+        return
+    production = f"$scrypt$ln={accounts._LN},"
+    assert accounts.DUMMY_HASH.startswith(production)
+    monkeypatch.setattr(accounts, "_LN", TEST_SCRYPT_LN)
+    monkeypatch.setattr(
+        accounts, "DUMMY_HASH", accounts.DUMMY_HASH.replace(production, f"$scrypt$ln={TEST_SCRYPT_LN},", 1)
+    )
+
+
+@pytest.fixture
+def socket_clock() -> trio.testing.MockClock:
+    """Virtual time for a test on real loopback sockets: the clock jumps to the next deadline once every task
+    has waited 5 ms of real time. `autojump_clock` jumps at once, which suits memory streams; on sockets a
+    segment the kernel has not yet delivered (softirq deferred on a loaded machine) would see its deadline
+    jump past it."""
+    return trio.testing.MockClock(autojump_threshold=0.005)
 
 
 @pytest.fixture(scope="session")

@@ -37,11 +37,13 @@ def _scrypt_hash(password: str, *, ln: int, r: int, p: int, salt: bytes, dklen: 
 # --- hashing ------------------------------------------------------------------------------------
 
 
+@pytest.mark.production_scrypt
 def test_hash_then_verify_round_trips() -> None:
     stored = hash_password("correct horse")
     assert verify_password("correct horse", stored)
 
 
+@pytest.mark.production_scrypt
 def test_hash_is_salted_scrypt_in_the_documented_notation() -> None:
     first, second = hash_password("same"), hash_password("same")
     pattern = r"\$scrypt\$ln=14,r=8,p=1\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)"
@@ -128,6 +130,7 @@ def test_unencodable_password_is_false_not_an_error() -> None:
     assert verify_password("\ud800", _GOOD) is False
 
 
+@pytest.mark.production_scrypt
 def test_dummy_hash_is_well_formed_and_matches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     real = hashlib.scrypt

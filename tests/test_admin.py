@@ -99,7 +99,7 @@ async def test_readyz_shows_a_not_ready_reason_but_never_other_exception_text() 
         assert "hunter2" not in r.text
 
 
-async def test_a_slow_readiness_check_is_not_ready() -> None:
+async def test_a_slow_readiness_check_is_not_ready(socket_clock: trio.testing.MockClock) -> None:
     async def slow() -> bool:
         await trio.sleep(30)
         return True
@@ -204,13 +204,17 @@ async def test_expect_100_continue_is_honoured() -> None:
     assert b"HTTP/1.1 200 " in out
 
 
-async def test_an_idle_connection_is_closed_after_the_read_timeout_silently() -> None:
+async def test_an_idle_connection_is_closed_after_the_read_timeout_silently(
+    socket_clock: trio.testing.MockClock,
+) -> None:
     async with admin() as base:
         with trio.fail_after(3):
             assert await raw(base, b"") == b""
 
 
-async def test_a_request_begun_and_not_finished_in_time_gets_408() -> None:
+async def test_a_request_begun_and_not_finished_in_time_gets_408(
+    socket_clock: trio.testing.MockClock,
+) -> None:
     async with admin() as base:
         with trio.fail_after(3):
             out = await raw(base, b"GET /healthz HTTP/1.1\r\nHost: a\r\n")

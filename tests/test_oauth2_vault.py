@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -293,7 +294,9 @@ async def test_one_refresher_per_account_in_a_process(tmp_path: Path) -> None:
     assert len(v._locks) == 0  # bounded: no lock outlives its users
 
 
-async def test_one_refresher_per_account_across_processes(tmp_path: Path) -> None:
+async def test_one_refresher_per_account_across_processes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     # two vaults on one directory stand for two processes: flock conflicts between open files
     a, b = make(tmp_path), make(tmp_path)
     order: list[str] = []
@@ -320,7 +323,9 @@ async def test_one_refresher_per_account_across_processes(tmp_path: Path) -> Non
     assert order == ["a in", "a out", "b in"]
 
 
-async def test_waiting_for_the_lock_can_be_cancelled(tmp_path: Path) -> None:
+async def test_waiting_for_the_lock_can_be_cancelled(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     a, b = make(tmp_path), make(tmp_path)
     async with a.refreshing("alice"):
         with trio.move_on_after(0.2) as scope:

@@ -145,7 +145,9 @@ async def test_dele_rset_quit_deletes_nothing(running: tuple[Server, FakeBackend
     assert len(be.boxes["alice"]) == 3
 
 
-async def test_wrong_password_gets_auth_code(running: tuple[Server, FakeBackend, Bound]) -> None:
+async def test_wrong_password_gets_auth_code(
+    running: tuple[Server, FakeBackend, Bound], socket_clock: trio.testing.MockClock
+) -> None:
     _, _, bound = running
     c = await Client.connect(bound)
     assert await c.login(password=b"nope") == b"-ERR [AUTH] Authentication failed"
@@ -447,7 +449,9 @@ async def test_drain_stops_accepting_and_lets_sessions_finish(nursery: trio.Nurs
     assert be.deletion_batches == [["m1"]]
 
 
-async def test_drain_grace_expires_and_closes_without_update(nursery: trio.Nursery) -> None:
+async def test_drain_grace_expires_and_closes_without_update(
+    nursery: trio.Nursery, socket_clock: trio.testing.MockClock
+) -> None:
     be = backend()
     server = Server(config(shutdown_grace=0.3), be)
     finished = trio.Event()
@@ -505,7 +509,9 @@ async def test_every_greeting_carries_a_unique_apop_timestamp(
     assert len(stamps) == 5
 
 
-async def test_a_client_reconnecting_right_after_quit_is_not_locked_out(nursery: trio.Nursery) -> None:
+async def test_a_client_reconnecting_right_after_quit_is_not_locked_out(
+    nursery: trio.Nursery, socket_clock: trio.testing.MockClock
+) -> None:
     be = backend()
     be.close_delay = 0.2  # a slow upstream logout must not keep the [IN-USE] lock past the QUIT reply
     server = Server(config(), be)

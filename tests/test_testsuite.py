@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway import accounts
+from tests.conftest import TEST_SCRYPT_LN
 from tests.gwproc import spawn_gateway
 
 pytest_plugins = ["pytester"]
@@ -160,3 +162,12 @@ def test_a_gateway_process_on_port_0_reports_its_ports_and_its_log(tmp_path: Pat
     finally:
         assert gateway.stop() == 0
     assert "listening on 127.0.0.1:" in gateway.stderr_text()
+
+
+def test_tests_hash_passwords_cheaply_and_the_dummy_costs_the_same() -> None:
+    # tests/conftest.py's cheap_scrypt; test_accounts' production_scrypt tests see the real cost (ln=14)
+    cheap = f"$scrypt$ln={TEST_SCRYPT_LN},r=8,p=1$"
+    assert accounts.hash_password("pw").startswith(cheap)
+    assert accounts.DUMMY_HASH.startswith(cheap)
+    assert accounts.verify_password("pw", accounts.hash_password("pw"))
+    assert not accounts.verify_password("pw", accounts.DUMMY_HASH)
