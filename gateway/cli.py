@@ -111,12 +111,18 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE", help="TOML configuration file")
         p.add_argument("--state-dir", metavar="DIR", help="state directory holding uidl.sqlite3")
         p.add_argument("--upstream", metavar="URL", help="the upstream (for import)")
+    from gateway import cli_accounts
+
+    cli_accounts.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        handler = getattr(args, "handler", None)  # commands registered by their own modules
+        if handler is not None:
+            return int(handler(args))
         if args.command == "serve":
             return _serve(args)
         if args.command == "check-config":

@@ -30,7 +30,7 @@ from typing import NamedTuple, Protocol
 
 import trio
 
-from gateway.proto.logins import ApopLogin, Login, PasswordLogin
+from gateway.proto.logins import ApopLogin, Login, PasswordLogin, TokenLogin
 
 __all__ = [
     "ApopLogin",
@@ -47,6 +47,8 @@ __all__ = [
     "PermFailure",
     "SizeChanged",
     "TempFailure",
+    "TokenLogin",
+    "TokenRejected",
     "tcp_probe",
 ]
 
@@ -78,6 +80,10 @@ class AuthFailed(BackendError):
 class ApopUnavailable(AuthFailed):
     """APOP for an account that has no APOP secret (or a backend that cannot check APOP): it can never
     succeed, so the login gate does not count it as a guess."""
+
+
+class TokenRejected(AuthFailed):
+    """The upstream refused a ``TokenLogin``'s token: the token layer may refresh once and retry."""
 
 
 class TempFailure(BackendError):
