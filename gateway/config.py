@@ -282,9 +282,15 @@ def _convert(tp: Any, value: Any, keypath: tuple[str | int, ...], text: str) -> 
         out = {}
         for name, item in value.items():
             if not PROFILE_NAME.fullmatch(name):
-                raise ConfigError(
-                    TABLE_NAME_RULE, key=_dotted((*keypath, name)), line=_find_line(text, keypath)
+                header = next(
+                    (
+                        i
+                        for i, ln in enumerate(text.splitlines(), 1)
+                        if ln.lstrip().startswith("[") and name in ln
+                    ),
+                    None,
                 )
+                raise ConfigError(TABLE_NAME_RULE, key=_dotted((*keypath, name)), line=header)
             out[name] = _convert(item_tp, item, (*keypath, name), text)
         return out
     if origin is tuple:
