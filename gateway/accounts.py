@@ -56,6 +56,7 @@ __all__ = [
     "ensure_demo",
     "hash_password",
     "load_users",
+    "remove_user",
     "validate_username",
     "verify_password",
 ]
@@ -268,6 +269,21 @@ def add_user(
     if record:
         out.append(record)
     _atomic_write(path, "".join(f"{line}\n" for line in out))
+
+
+def remove_user(path: str | os.PathLike[str], name: str) -> bool:
+    """Remove ``name``'s record (comments and other records kept byte for byte), atomically, mode 0600.
+    False when the file or the record is missing. Raises ValueError for a malformed file (left untouched)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return False
+    if name not in _parse(text, path):
+        return False
+    kept = [line for line in _split_lines(text) if _is_comment(line) or line.strip().split(":", 1)[0] != name]
+    _atomic_write(path, "".join(f"{line}\n" for line in kept))
+    return True
 
 
 # --- the demo account -------------------------------------------------------------------------

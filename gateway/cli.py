@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     from gateway import cli_oauth
 
     cli_oauth.register(sub)
+    from gateway import cli_accounts
+
+    cli_accounts.register(sub)
     return parser
 
 

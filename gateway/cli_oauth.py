@@ -23,7 +23,6 @@ import datetime
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import trio
@@ -120,28 +119,21 @@ def _keys(config: cfg.Config) -> vault.Keyring | None:
 
 
 def mapped_accounts(config: cfg.Config) -> dict[str, tuple[str | None, str | None]]:
-    """The account book's OAuth2 accounts: name -> (provider, flow). Empty without a book.
+    """The account book's OAuth2 accounts: name -> (provider, flow). Empty without a book; an unreadable
+    book is a warning here (``--provider`` still names the provider) and an error at ``serve``."""
+    from gateway import mapping
 
-    gateway.mapping comes with the account book; until it is there (or when its file is missing or
-    unreadable) this is empty and ``--provider`` names the provider."""
-    try:
-        from gateway import mapping  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        return {}
-    accounts_conf = getattr(config, "accounts", None)
-    path = Path(getattr(accounts_conf, "file", "") or config.state_path / "accounts.json")
-    if not path.exists():
-        return {}
+    path = config.accounts_path
     try:
         book = mapping.AccountBook.load(path)
-        out: dict[str, tuple[str | None, str | None]] = {}
-        for account in book.accounts():
-            if account.credential == "oauth2":
-                out[account.name] = (account.provider, getattr(account, "flow", None))
-        return out
-    except (AttributeError, TypeError, ValueError, OSError) as exc:
+    except (mapping.MappingError, OSError) as exc:
         print(f"pop3-gateway: warning: the account book {path} cannot be read: {exc}", file=sys.stderr)
         return {}
+    return {
+        account.name: (account.provider, account.flow)
+        for account in book.accounts.values()
+        if account.credential == "oauth2"
+    }
 
 
 # ------------------------------------------------------------------ keygen

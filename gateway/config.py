@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.identity import realm_problem
+from gateway.routing import glob_problem
 
 DEFAULT_STATE_DIR = Path("state")
 _T = typing.TypeVar("_T")
@@ -203,11 +204,33 @@ class OAuth2Config:
     providers: dict[str, OAuth2ProviderConfig] = dataclasses.field(default_factory=dict)
 
 
+DEFAULT_PROFILE = "default"  # the profile name of [upstream]
+PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+TABLE_NAME_RULE = "a name is 1 to 64 of A-Z a-z 0-9 _ . - (starting with a letter or digit)"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One ``[[routes]]`` entry: logins whose account key matches the glob go to that profile."""
+
+    match: str = ""  # a glob on the account key: "*@example.org"; * and ? only
+    upstream: str = DEFAULT_PROFILE  # "default" ([upstream]) or the NAME of an [upstreams.NAME]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AccountsConfig:
+    file: str = ""  # the mapped accounts (JSON); "" = <state_dir>/accounts.json
+    default_upstream: str = DEFAULT_PROFILE  # where unmapped, unrouted logins go; "" = refuse them
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     listen: tuple[ListenConfig, ...] = (ListenConfig(),)
     upstream: UpstreamConfig = dataclasses.field(default_factory=UpstreamConfig)
+    upstreams: dict[str, UpstreamConfig] = dataclasses.field(default_factory=dict)  # [upstreams.NAME]
+    routes: tuple[RouteConfig, ...] = ()
+    accounts: AccountsConfig = dataclasses.field(default_factory=AccountsConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     admin: AdminConfig = dataclasses.field(default_factory=AdminConfig)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
@@ -217,6 +240,14 @@ class Config:
     @property
     def state_path(self) -> Path:
         return Path(self.server.state_dir)
+
+    @property
+    def accounts_path(self) -> Path:
+        return Path(self.accounts.file) if self.accounts.file else self.state_path / "accounts.json"
+
+    def profiles(self) -> dict[str, UpstreamConfig]:
+        """Every upstream profile by name: ``"default"`` is ``[upstream]``, then the ``[upstreams.NAME]``."""
+        return {DEFAULT_PROFILE: self.upstream, **self.upstreams}
 
 
 # ------------------------------------------------------------------ loading
@@ -282,12 +313,16 @@ def _convert(tp: Any, value: Any, keypath: tuple[str | int, ...], text: str) -> 
             raise bad("a table of named tables")
         out = {}
         for name, item in value.items():
-            if not PROVIDER_NAME.fullmatch(name):
-                raise ConfigError(
-                    "a name is 1 to 64 of A-Z a-z 0-9 _ . - (starting with a letter or digit)",
-                    key=_dotted((*keypath, name)),
-                    line=_find_line(text, keypath),
+            if not PROFILE_NAME.fullmatch(name):
+                header = next(
+                    (
+                        i
+                        for i, ln in enumerate(text.splitlines(), 1)
+                        if ln.lstrip().startswith("[") and name in ln
+                    ),
+                    None,
                 )
+                raise ConfigError(TABLE_NAME_RULE, key=_dotted((*keypath, name)), line=header)
             out[name] = _convert(item_tp, item, (*keypath, name), text)
         return out
     if origin is tuple:
@@ -420,11 +455,20 @@ def validate(config: Config, text: str = "") -> None:
         fail(("server", "implementation"), "must be printable and at most 100 characters")
     if problem := realm_problem(s.default_realm):
         fail(("server", "default_realm"), problem)
-    if config.upstream.url:
-        try:
-            upstream_scheme(config.upstream.url)
-        except ValueError as exc:
-            fail(("upstream", "url"), str(exc))
+    if DEFAULT_PROFILE in config.upstreams:
+        fail(("upstreams", DEFAULT_PROFILE), '"default" is [upstream] itself: give this profile another name')
+    for name, up in config.profiles().items():
+        where: tuple[str, ...] = ("upstream",) if name == DEFAULT_PROFILE else ("upstreams", name)
+        if up.url:
+            try:
+                upstream_scheme(up.url)
+            except ValueError as exc:
+                fail((*where, "url"), str(exc))
+        elif where != ("upstream",):
+            fail((*where, "url"), "a named upstream needs a url (only [upstream] may be the embedded demo)")
+        if up.max_snapshot_rows < 1:
+            fail((*where, "max_snapshot_rows"), "must be >= 1")
+    _validate_routes(config, fail)
     for name in ("plaintext_auth_networks", "trusted_proxies"):
         for i, net in enumerate(getattr(s, name)):
             if (net_problem := network_problem(net)) is not None:
@@ -440,8 +484,6 @@ def validate(config: Config, text: str = "") -> None:
         fail(("limits", "auth_delay_max"), "needs 0 <= auth_delay_base <= auth_delay_max")
     if lim.auth_failure_window <= 0 or lim.lockout_duration <= 0:
         fail(("limits", "auth_failure_window"), "windows and durations must be > 0")
-    if config.upstream.max_snapshot_rows < 1:
-        fail(("upstream", "max_snapshot_rows"), "must be >= 1")
     st = config.store
     if st.retention_days <= 0:
         fail(("store", "retention_days"), "must be > 0")
@@ -508,6 +550,26 @@ def _issuer_problem(issuer: str) -> str | None:
     if parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname)):
         return None
     return "must be an https URL (http only on loopback)"
+
+
+def _validate_routes(
+    config: Config, fail: typing.Callable[[tuple[str | int, ...], str], typing.NoReturn]
+) -> None:
+    profiles = config.profiles()
+    known = ", ".join(repr(p) for p in profiles)
+    seen: dict[str, int] = {}
+    for i, route in enumerate(config.routes):
+        if problem := glob_problem(route.match):
+            fail(("routes", i, "match"), f"{route.match!r} {problem}")
+        folded = route.match.lower()
+        if folded in seen:
+            fail(("routes", i, "match"), f"{route.match!r} is already routes[{seen[folded]}]'s match")
+        seen[folded] = i
+        if route.upstream not in profiles:
+            fail(("routes", i, "upstream"), f"no upstream profile {route.upstream!r} (known: {known})")
+    default = config.accounts.default_upstream
+    if default and default not in profiles:
+        fail(("accounts", "default_upstream"), f'no upstream profile {default!r} (known: {known}; "" = none)')
 
 
 def _validate_admin(

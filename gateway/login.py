@@ -241,7 +241,7 @@ class LoginGate:
                         self.store,
                         name=key,
                         account=login.username,
-                        fmt=self.settings.uidl_format,
+                        fmt=getattr(drop, "uidl_format", None) or self.settings.uidl_format,
                         legacy=acct.legacy,
                     )
             except (BackendError, trio.TooSlowError) as exc:

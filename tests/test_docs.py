@@ -31,6 +31,12 @@ def loader_keys() -> dict[str, tuple[Any, Any]]:
         section_type = typing.get_type_hints(Config)[field.name]
         if typing.get_origin(section_type) is tuple:  # [[listen]]: an array of tables
             section_type = typing.get_args(section_type)[0]
+        if typing.get_origin(section_type) is dict:  # [section.NAME] named tables: their keys, each
+            table = typing.get_args(section_type)[1]
+            table_hints = typing.get_type_hints(table)
+            for leaf in dataclasses.fields(table):
+                keys[f"{field.name}.NAME.{leaf.name}"] = (table_hints[leaf.name], getattr(table(), leaf.name))
+            continue
         assert dataclasses.is_dataclass(section_type), field.name
         section = section_type()
         hints = typing.get_type_hints(section_type)
