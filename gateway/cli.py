@@ -12,13 +12,17 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import trio
 
 from gateway import __version__
 from gateway import config as cfg
 from gateway.logsetup import setup as setup_logging
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+    from gateway.oauth2.credentials import Credentials
 
 log = logging.getLogger("gateway")
 
@@ -159,12 +163,37 @@ def _check_config(path: str) -> int:
     from gateway import reload
     from gateway.backends import make_backend
 
+    if _credentials(config) is None:
+        return 2
     make_backend(config)
     built = reload.build(config)
     for warning in built.warnings:
         print(f"{path}: warning: {warning}")
     print(f"{path}: OK ({len(config.listen)} listener(s), upstream {config.upstream.url or 'embedded demo'})")
     return 0
+
+
+def _credentials(config: cfg.Config, metrics: Metrics | None = None) -> Credentials | None:
+    """The mapped accounts' token source and secret reader. When the accounts file already holds an
+    account that needs the token key (oauth2, stored, bearer), the key is read now: a missing or unsafe
+    key is a start-up error (None, after one line on stderr), not a [SYS/PERM] at the first poll."""
+    from gateway.backends import mapped
+    from gateway.oauth2.credentials import Credentials
+    from gateway.oauth2.vault import KeyFileError
+
+    credentials = Credentials(config, metrics=metrics)
+    needing = mapped.accounts_needing_keys(config)
+    if needing:
+        try:
+            credentials.check()
+        except KeyFileError as exc:
+            print(
+                f"pop3-gateway: account {needing[0]} needs the token key: {exc} "
+                "(create one with: pop3-gateway oauth keygen)",
+                file=sys.stderr,
+            )
+            return None
+    return credentials
 
 
 def _start_checks(config: cfg.Config) -> None:
@@ -326,9 +355,15 @@ def _serve(args: argparse.Namespace) -> int:
         from gateway import accounts
 
         demo = accounts.ensure_demo(config.state_path)
-    backend = make_backend(config)
+    from gateway.metrics import Metrics
+
+    metrics = Metrics()
+    credentials = _credentials(config, metrics)
+    if credentials is None:
+        return 2
+    backend = make_backend(config, tokens=credentials, secrets=credentials)
     try:
-        server = Server(config, backend)
+        server = Server(config, backend, metrics=metrics)
     except (OSError, ValueError) as exc:
         print(f"pop3-gateway: cannot load TLS certificates: {exc}", file=sys.stderr)
         return 2

@@ -23,9 +23,11 @@ import trio
 
 from gateway import accounts, files
 from gateway import config as cfg
+from gateway.backends.base import BackendError
 from gateway.mapping import CREDENTIALS, FLOWS, Account, AccountBook, MappingError, Window
+from gateway.oauth2.vault import KeyFileError
 
-__all__ = ["SecretWriter", "UnavailableSecretWriter", "register"]
+__all__ = ["SecretWriter", "register"]
 
 TEST_UIDLS = 5  # how many UIDLs `account test` shows
 
@@ -33,16 +35,19 @@ TEST_UIDLS = 5  # how many UIDLs `account test` shows
 class SecretWriter(Protocol):
     async def put(self, account: str, kind: Literal["password", "bearer"], value: str) -> None: ...
 
-
-class UnavailableSecretWriter:
-    """Until the secret vault is wired in: stored and bearer credentials cannot be written."""
-
-    async def put(self, account: str, kind: Literal["password", "bearer"], value: str) -> None:
-        raise MappingError("this build has no secret vault: stored and bearer credentials cannot be saved")
+    async def delete(self, account: str, kind: Literal["password", "bearer"]) -> bool: ...
 
 
-# Replaced by the secret vault's factory where it exists (tests replace it too).
-secret_writer: Callable[[cfg.Config], SecretWriter] = lambda config: UnavailableSecretWriter()  # noqa: E731
+def _vault_writer(config: cfg.Config) -> SecretWriter:
+    from gateway.oauth2.credentials import Credentials
+
+    credentials = Credentials(config)
+    credentials.check()  # no key: one line from _guarded, before anything is written
+    return credentials
+
+
+# The secret vault's writer (tests replace it).
+secret_writer: Callable[[cfg.Config], SecretWriter] = _vault_writer
 
 
 class _Fail(Exception):
@@ -92,6 +97,16 @@ def register(sub: Any) -> None:
     remove = acts.add_parser("remove", help="remove an account and its local password")
     remove.add_argument("name", metavar="NAME")
     remove.set_defaults(handler=_remove)
+    set_secret = acts.add_parser(
+        "set-secret",
+        help="replace the stored upstream password (stored) or bearer token (bearer) of an account",
+        description="Read the new upstream secret from a prompt, stdin or a file and seal it with the "
+        "token key; the running gateway uses it from the next login.",
+    )
+    set_secret.add_argument("name", metavar="NAME")
+    set_secret.add_argument("--secret-stdin", action="store_true", help="read the secret from stdin")
+    set_secret.add_argument("--secret-file", metavar="FILE", help="read the secret from FILE")
+    set_secret.set_defaults(handler=_set_secret)
     test = acts.add_parser(
         "test",
         help="log in upstream as the account and show what a POP3 session would see",
@@ -102,7 +117,7 @@ def register(sub: Any) -> None:
     test.add_argument("--password-stdin", action="store_true", help="pass-through: the upstream password")
     test.add_argument("--password-file", metavar="FILE")
     test.set_defaults(handler=_test)
-    for p in (add, show, remove, test, acts.choices["list"]):
+    for p in (add, show, remove, set_secret, test, acts.choices["list"]):
         p.add_argument("--config", metavar="FILE", help="TOML configuration file")
         p.add_argument("--state-dir", metavar="DIR", help="state directory (accounts.json, users)")
 
@@ -114,6 +129,15 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
         except (_Fail, MappingError, ValueError) as exc:
             print(f"pop3-gateway: {exc}", file=sys.stderr)
             return 2
+        except KeyFileError as exc:
+            print(f"pop3-gateway: {exc} (create one with: pop3-gateway oauth keygen)", file=sys.stderr)
+            return 2
+        except BackendError as exc:  # the secret vault: a record that cannot be read
+            print(f"pop3-gateway: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"pop3-gateway: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+            return 1
 
     return run
 
@@ -183,8 +207,8 @@ def _add(args: argparse.Namespace) -> int:
     problems = [p for p in book_problems(book, config) if p.startswith(f"account {key!r}")]
     if problems:
         raise _Fail(problems[0])
-        # secrets last, all read before anything is written
-        wants_local: bool = args.credential != "pass-through" or bool(args.local_password or args.apop)
+    # secrets last, all read before anything is written
+    wants_local: bool = args.credential != "pass-through" or bool(args.local_password or args.apop)
     password = (
         _read_secret("Local POP3 password: ", args.password_stdin, args.password_file)
         if wants_local
@@ -253,13 +277,49 @@ def _remove(args: argparse.Namespace) -> int:
     book.save()
     accounts.remove_user(files.users_file_path(config), account.name)
     print(f"account {account.name} removed")
+    if account.credential in ("stored", "bearer"):
+        kind: Literal["password", "bearer"] = "password" if account.credential == "stored" else "bearer"
+        try:
+            deleted = trio.run(secret_writer(config).delete, account.name, kind)
+        except Exception as exc:
+            print(f"pop3-gateway: warning: its stored {kind} was not deleted: {exc}", file=sys.stderr)
+        else:
+            print(f"its stored {kind}: {'deleted' if deleted else 'none was stored'}")
+    if account.credential == "oauth2":
+        print(
+            f"its OAuth2 token is kept: pop3-gateway oauth logout --account {account.name} revokes and "
+            "deletes it"
+        )
+    return 0
+
+
+@_guarded
+def _set_secret(args: argparse.Namespace) -> int:
+    config = _config(args)
+    account = _book(config).get(args.name)
+    if account is None:
+        raise _Fail(f"no account {args.name!r}")
+    if account.credential not in ("stored", "bearer"):
+        raise _Fail(
+            f"account {account.name} has credential {account.credential}: only stored and bearer "
+            "accounts keep an upstream secret"
+            + (
+                f" (OAuth2: pop3-gateway oauth login --account {account.name})"
+                if account.credential == "oauth2"
+                else ""
+            )
+        )
+    what = "Upstream password: " if account.credential == "stored" else "Bearer token: "
+    secret = _read_secret(what, args.secret_stdin, args.secret_file)
+    kind: Literal["password", "bearer"] = "password" if account.credential == "stored" else "bearer"
+    trio.run(secret_writer(config).put, account.name, kind, secret)
+    print(f"account {account.name}: stored {kind} replaced")
     return 0
 
 
 @_guarded
 def _test(args: argparse.Namespace) -> int:
     from gateway.backends import make_backend
-    from gateway.backends.base import BackendError
     from gateway.backends.mapped import MappedBackend
 
     config = _config(args)
@@ -304,9 +364,15 @@ def _test(args: argparse.Namespace) -> int:
     return 0
 
 
-# The token source and secret reader `account test` and `serve` hand to the mapped backend (wired to the
-# OAuth2 token source and the secret vault where they exist).
-sources: Callable[[cfg.Config], dict[str, Any]] = lambda config: {}  # noqa: E731
+def _gateway_sources(config: cfg.Config) -> dict[str, Any]:
+    from gateway.oauth2.credentials import Credentials
+
+    credentials = Credentials(config)
+    return {"tokens": credentials, "secrets": credentials}
+
+
+# The token source and secret reader `account test` hands to the mapped backend (tests replace it).
+sources: Callable[[cfg.Config], dict[str, Any]] = _gateway_sources
 
 
 def _sources(config: cfg.Config) -> dict[str, Any]:

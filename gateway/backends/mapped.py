@@ -75,6 +75,7 @@ __all__ = [
     "UnavailableSecrets",
     "UnavailableTokens",
     "Variant",
+    "accounts_needing_keys",
     "book_problems",
     "wanted",
 ]
@@ -292,6 +293,10 @@ class MappedBackend:
         with trio.CancelScope(shield=True):
             for backend in [*self._variants.values(), *self._retired, *self._base.values()]:
                 await backend.aclose()
+            for source in {id(s): s for s in (self._tokens, self._secrets)}.values():
+                closer = getattr(source, "aclose", None)  # the gateway's Credentials hold an http client
+                if closer is not None:
+                    await closer()
         self._variants.clear()
         self._retired.clear()
 
@@ -499,6 +504,18 @@ def wanted(config: Config) -> bool:
         return len(AccountBook.load(config.accounts_path, IdentityPolicy.from_config(config.server))) > 0
     except MappingError as exc:
         raise ConfigError(str(exc), key="accounts.file") from None
+
+
+def accounts_needing_keys(config: Config) -> list[str]:
+    """The accounts (by name) whose upstream credential is sealed with the token key: oauth2, stored and
+    bearer. Empty when the config maps nothing. Raises ConfigError for an unreadable accounts file."""
+    if not wanted(config):
+        return []
+    try:
+        book = AccountBook.load(config.accounts_path, IdentityPolicy.from_config(config.server))
+    except MappingError as exc:
+        raise ConfigError(str(exc), key="accounts.file") from None
+    return [a.name for a in book if a.credential != "pass-through"]
 
 
 def book_problems(book: AccountBook, config: Config) -> list[str]:
