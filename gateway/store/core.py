@@ -91,6 +91,9 @@ def _listing(items: Sequence[Item], rows: dict[str, Row]) -> tuple[tuple[str, ..
     return uidls, order, hashlib.sha1(listing, usedforsecurity=False).hexdigest()
 
 
+_NO_PRINTS: tuple[None, None] = (None, None)
+
+
 class _Reserved:
     """``in``: was this UIDL ever given in the mailbox, or just now? One query for the batch of
     proposals, one more for each suffix a collision needs."""
@@ -308,19 +311,23 @@ class UidlStore:
             )
             tx.rekey(k.ident, row)
             rows[s.ident] = row
-        proposals = {
-            i.key: rules.propose(fmt, key=i.key, native=i.native, uid=i.uid, uidvalidity=i.uidvalidity)
-            for i in new_items
-            if i.key not in rows
-        }
-        reserved = _Reserved(tx, set(proposals.values()))
+        fresh = [i for i in new_items if i.key not in rows] if matched else new_items  # not rematched
+        propose = rules.propose
+        proposals = [
+            propose(fmt, key=i.key, native=i.native, uid=i.uid, uidvalidity=i.uidvalidity) for i in fresh
+        ]
+        reserved = _Reserved(tx, set(proposals))
+        taken, given = reserved.taken, reserved.given
         inserts = []
-        for item in new_items:
-            if item.key in rows:  # rematched just now
-                continue
-            uidl = rules.unique(proposals[item.key], reserved)
-            reserved.given.add(uidl)
-            h, b = prints.get(item.key, (None, None))
+        for item, proposal in zip(fresh, proposals, strict=True):
+            # the usual case first: a proposal never given (one set lookup each, no query)
+            uidl = (
+                proposal
+                if proposal not in taken and proposal not in given
+                else rules.unique(proposal, reserved)
+            )
+            given.add(uidl)
+            h, b = prints.get(item.key, _NO_PRINTS) if prints else _NO_PRINTS
             row = Row(item.key, uidl, item.size, h, b, "present", None)
             inserts.append(row)
             rows[item.key] = row
