@@ -163,9 +163,7 @@ def _check_config(path: str) -> int:
     from gateway import reload
     from gateway.backends import make_backend
 
-    if _credentials(config) is None:
-        return 2
-    make_backend(config)
+    make_backend(config, **_credentials(config))
     built = reload.build(config)
     for warning in built.warnings:
         print(f"{path}: warning: {warning}")
@@ -173,11 +171,15 @@ def _check_config(path: str) -> int:
     return 0
 
 
-def _credentials(config: cfg.Config, metrics: Metrics | None = None) -> Credentials | None:
-    """The mapped accounts' token source and secret reader. When the accounts file already holds an
-    account that needs the token key (oauth2, stored, bearer), the key is read now: a missing or unsafe
-    key is a start-up error (None, after one line on stderr), not a [SYS/PERM] at the first poll."""
+def _credentials(config: cfg.Config, metrics: Metrics | None = None) -> dict[str, Credentials]:
+    """``make_backend``'s ``tokens`` and ``secrets`` for the mapped accounts (none when the config maps
+    nothing: httpx and the AEAD then stay unimported). When the accounts file already holds an account
+    that needs the token key (oauth2, stored, bearer), the key is read now: a missing or unsafe key is a
+    configuration error at start, not a [SYS/PERM] at the first poll."""
     from gateway.backends import mapped
+
+    if not mapped.wanted(config):
+        return {}
     from gateway.oauth2.credentials import Credentials
     from gateway.oauth2.vault import KeyFileError
 
@@ -187,13 +189,12 @@ def _credentials(config: cfg.Config, metrics: Metrics | None = None) -> Credenti
         try:
             credentials.check()
         except KeyFileError as exc:
-            print(
-                f"pop3-gateway: account {needing[0]} needs the token key: {exc} "
+            raise cfg.ConfigError(
+                f"account {needing[0]} needs the token key: {exc} "
                 "(create one with: pop3-gateway oauth keygen)",
-                file=sys.stderr,
-            )
-            return None
-    return credentials
+                key="oauth2.key_file",
+            ) from None
+    return {"tokens": credentials, "secrets": credentials}
 
 
 def _start_checks(config: cfg.Config) -> None:
@@ -358,10 +359,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.metrics import Metrics
 
     metrics = Metrics()
-    credentials = _credentials(config, metrics)
-    if credentials is None:
-        return 2
-    backend = make_backend(config, tokens=credentials, secrets=credentials)
+    backend = make_backend(config, **_credentials(config, metrics))
     try:
         server = Server(config, backend, metrics=metrics)
     except (OSError, ValueError) as exc:

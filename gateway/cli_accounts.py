@@ -25,7 +25,6 @@ from gateway import accounts, files
 from gateway import config as cfg
 from gateway.backends.base import BackendError
 from gateway.mapping import CREDENTIALS, FLOWS, Account, AccountBook, MappingError, Window
-from gateway.oauth2.vault import KeyFileError
 
 __all__ = ["SecretWriter", "register"]
 
@@ -40,9 +39,13 @@ class SecretWriter(Protocol):
 
 def _vault_writer(config: cfg.Config) -> SecretWriter:
     from gateway.oauth2.credentials import Credentials
+    from gateway.oauth2.vault import KeyFileError
 
     credentials = Credentials(config)
-    credentials.check()  # no key: one line from _guarded, before anything is written
+    try:
+        credentials.check()  # no key: one line from _guarded, before anything is written
+    except KeyFileError as exc:
+        raise _Fail(f"{exc} (create one with: pop3-gateway oauth keygen)") from None
     return credentials
 
 
@@ -128,9 +131,6 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             return fn(args)
         except (_Fail, MappingError, ValueError) as exc:
             print(f"pop3-gateway: {exc}", file=sys.stderr)
-            return 2
-        except KeyFileError as exc:
-            print(f"pop3-gateway: {exc} (create one with: pop3-gateway oauth keygen)", file=sys.stderr)
             return 2
         except BackendError as exc:  # the secret vault: a record that cannot be read
             print(f"pop3-gateway: {exc}", file=sys.stderr)

@@ -23,13 +23,22 @@ import datetime
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import trio
 
 from gateway import config as cfg
 from gateway.identity import IdentityPolicy, normalize
-from gateway.oauth2 import flows, providers, tokens, vault
+from gateway.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from gateway.oauth2 import flows, providers, tokens, vault
+else:  # imported at first use: `serve` and every other command build this parser, and httpx and the
+    # AEAD (about 10 MiB and 60 ms) are for the oauth commands and mapped accounts only
+    flows = lazy_module("gateway.oauth2.flows")
+    providers = lazy_module("gateway.oauth2.providers")
+    tokens = lazy_module("gateway.oauth2.tokens")
+    vault = lazy_module("gateway.oauth2.vault")
 
 FLOWS = ("device", "code", "client-credentials")
 DEVICE_START_TIMEOUT = 30.0

@@ -223,3 +223,14 @@ def test_an_admin_endpoint_on_port_0_logs_the_port_it_bound(tmp_path: Path) -> N
         proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+def test_the_parser_every_command_builds_imports_neither_httpx_nor_the_aead() -> None:
+    """``serve`` without mapped accounts must not pay for the oauth commands' imports (about 10 MiB)."""
+    code = (
+        "import sys; from gateway import cli; cli._parser(); "
+        "from gateway.backends import make_backend; from gateway.config import Config; "
+        "print(sorted(m for m in ('httpx', 'cryptography') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
